@@ -1,0 +1,252 @@
+"""The demo: the whole pipeline (pretrain → SFT → reward model → PPO) on the arithmetic task.
+
+A tiny GPT-2 is trained from scratch on CPU in a few minutes. Preference pairs for the reward
+model come from sampling the SFT policy and ranking its samples with the task's gold judge; PPO
+then optimises the *learned* reward model while the gold judge measures what really happened.
+Everything a run produces lands in one folder (see `run_demo`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import torch
+
+from rlhf_lab.eval import gold_accuracy, greedy_completions
+from rlhf_lab.models.backbones import build_tiny_model
+from rlhf_lab.models.tokenizer import train_bpe_tokenizer
+from rlhf_lab.policy import Policy
+from rlhf_lab.rewards import CallableSource, RewardModelSource
+from rlhf_lab.stages import (
+    PPO,
+    SFT,
+    PPOConfig,
+    Pretrain,
+    PretrainConfig,
+    RewardModel,
+    RewardModelConfig,
+    SFTConfig,
+)
+from rlhf_lab.tasks import get_task
+
+
+@dataclass
+class DemoConfig:
+    """Budgets of the demo's stages. The defaults are tuned to finish in minutes on 2 CPU cores."""
+
+    seed: int = 0
+    backbone: str = "gpt2-tiny"
+    pretrain_steps: int = 300
+    pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(lr=3e-3, batch_size=32, block_size=64))
+    sft_steps: int = 60
+    sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-3, batch_size=32))
+    pair_samples: int = 8  # SFT samples per prompt ranked by the gold judge into preference pairs
+    pair_temperature: float = 1.0
+    reward_steps: int = 200
+    reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=1e-3, batch_size=32))
+    ppo_iterations: int = 60
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(lr=3e-4, prompts_per_step=32, max_new_tokens=6))
+    eval_every: int = 10  # PPO iterations between greedy evaluations on the eval prompts
+    max_new_tokens: int = 6  # generation length for evaluation and preference sampling
+
+
+def make_trainer(out: str, stage: str, max_steps: int, logger: str, run_name: str, **kwargs) -> L.Trainer:
+    """A Trainer writing `out/<stage>/` metrics (CSV, or wandb offline without an API key)."""
+    if logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        if not os.environ.get("WANDB_API_KEY"):
+            os.environ.setdefault("WANDB_MODE", "offline")
+        log = WandbLogger(project="rlhf_lab", group=run_name, name=f"{run_name}-{stage}", save_dir=out,
+                          tags=[stage], offline=os.environ.get("WANDB_MODE") == "offline")
+    elif logger == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        log = CSVLogger(out, name=stage, version="")
+    else:
+        raise ValueError(f"logger must be 'csv' or 'wandb', got {logger!r}")
+    defaults = dict(max_steps=max_steps, max_epochs=-1, logger=log, enable_checkpointing=False,
+                    enable_model_summary=False, log_every_n_steps=1, accelerator="cpu", devices=1,
+                    num_sanity_val_steps=0)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: int, temperature: float,
+                           max_new_tokens: int, seed: int) -> list[dict]:
+    """Sample `samples` completions per prompt and pair each gold-better one with a worse one.
+
+    For every prompt whose samples disagree, each distinct top-scored completion is paired with a
+    distinct lower-scored one (round-robin), so the reward model sees real policy outputs.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    rollout = policy.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                              samples_per_prompt=samples, generator=gen)
+    scores = judge(rollout.prompts, rollout.completions)
+    pairs = []
+    for k, prompt in enumerate(prompts):
+        group = list(zip(rollout.completions[k * samples:(k + 1) * samples],
+                         scores[k * samples:(k + 1) * samples], strict=True))
+        best = max(s for _, s in group)
+        good = sorted({c for c, s in group if s == best})
+        bad = sorted({c for c, s in group if s < best})
+        if not bad:
+            continue
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        for i in range(max(len(good), len(bad))):
+            pairs.append({"prompt": prompt, "chosen": good[i % len(good)], "rejected": bad[i % len(bad)]})
+    return pairs
+
+
+def _table(title: str, rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [f"== {title} ", *(f"  {k.ljust(width)}  {v}" for k, v in rows)]
+    return "\n".join(lines)
+
+
+def _samples_table(title: str, prompts: list[str], before: list[str], after: list[str] | None, judge) -> str:
+    lines = [f"== {title}"]
+    for i, p in enumerate(prompts):
+        q = p.replace("\n", " ")
+        cells = [f"{q:<14}", f"sft: {before[i]!r:<10} {'✓' if judge([p], [before[i]])[0] else '✗'}"]
+        if after is not None:
+            cells.append(f"rl: {after[i]!r:<10} {'✓' if judge([p], [after[i]])[0] else '✗'}")
+        lines.append("  " + "   ".join(cells))
+    return "\n".join(lines)
+
+
+def _plot(history: list[dict], path: str, algorithm: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    it = [h["iteration"] for h in history]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(it, [h["train/reward"] for h in history], label="proxy reward (reward model, sampled)", color="C0")
+    ax.set_xlabel(f"{algorithm.upper()} iteration")
+    ax.set_ylabel("proxy reward (reward-model score)", color="C0")
+    ax2 = ax.twinx()
+    if history and "train/gold_reward" in history[0]:
+        ax2.plot(it, [h["train/gold_reward"] for h in history], label="gold accuracy (sampled)",
+                 color="C1", alpha=0.5)
+    ev = [(h["iteration"], h["val/gold_reward"]) for h in history if "val/gold_reward" in h]
+    if ev:
+        ax2.plot(*zip(*ev, strict=True), "o-", label="gold accuracy (greedy, eval set)", color="C3")
+    ax2.set_ylabel("gold accuracy (fraction correct)")
+    ax2.set_ylim(0, 1)
+    handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
+    ax.legend(handles, labels, loc="lower right", fontsize=8)
+    ax.set_title("Arithmetic task: proxy reward and gold accuracy during RL")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: str = "csv",
+             algorithm: str = "ppo", progress: bool = True, echo=print) -> dict:
+    """Run the four stages and write everything to `out` (default `runs/demo-<time>/`).
+
+    The folder holds `pretrain/`, `sft/`, `reward_model/`, `ppo/` — each an HF checkpoint folder
+    (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv` —
+    plus `summary.json` and `rl_curve.png`. Returns the summary dict.
+    """
+    if algorithm != "ppo":
+        raise ValueError(f"algorithm must be 'ppo' (the only online algorithm so far), got {algorithm!r}")
+    c = config or DemoConfig()
+    out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+    run_name = os.path.basename(os.path.normpath(out))
+    start = time.perf_counter()
+    L.seed_everything(c.seed, verbose=False)
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    task = get_task("arithmetic")
+    judge = task.gold_reward
+    eval_prompts = task.eval_prompts()
+    trainer_kw = dict(logger=logger, run_name=run_name, enable_progress_bar=progress)
+    summary: dict = {"task": task.name, "backbone": c.backbone, "seed": c.seed, "config": asdict(c)}
+
+    # 1. Pretraining: a tokenizer trained from the task's own text, a tiny GPT-2 from scratch.
+    tokenizer = train_bpe_tokenizer(task.tokenizer_texts())
+    policy = Policy(build_tiny_model(c.backbone, tokenizer), tokenizer)
+    corpus = task.pretrain_corpus(seed=c.seed)
+    n_val = max(1, len(corpus) // 20)
+    stage = Pretrain(policy, corpus[n_val:], corpus[:n_val], c.pretrain)
+    trainer = make_trainer(out, "pretrain", c.pretrain_steps, val_check_interval=None,
+                           check_val_every_n_epoch=None, **trainer_kw)
+    trainer.fit(stage)
+    val = trainer.validate(stage, verbose=False)[0]
+    policy.save(os.path.join(out, "pretrain"), extra={"stage": "pretrain", "config": asdict(c.pretrain)})
+    summary["pretrain"] = {"val_loss": val["val/loss"], "val_perplexity": float(torch.exp(torch.tensor(val["val/loss"])))}
+    echo(_table("pretrain", [("steps", str(c.pretrain_steps)), ("val loss", f"{val['val/loss']:.3f}"),
+                             ("val perplexity", f"{summary['pretrain']['val_perplexity']:.2f}")]))
+
+    # 2. SFT on the task's question → answer pairs (loss on the answer only).
+    train_rows, val_rows = task.sft_pairs(seed=c.seed)
+    policy = Policy.load(os.path.join(out, "pretrain"))
+    stage = SFT(policy, train_rows, val_rows, c.sft)
+    trainer = make_trainer(out, "sft", c.sft_steps, **trainer_kw)
+    trainer.fit(stage)
+    val = trainer.validate(stage, verbose=False)[0]
+    policy.save(os.path.join(out, "sft"), extra={"stage": "sft", "config": asdict(c.sft)})
+    sft_acc = gold_accuracy(policy, eval_prompts, judge, c.max_new_tokens)
+    summary["sft"] = {"val_loss": val["val/loss"], "gold_accuracy": sft_acc}
+    echo(_table("sft", [("steps", str(c.sft_steps)), ("val loss", f"{val['val/loss']:.3f}"),
+                        ("greedy gold accuracy", f"{sft_acc:.1%} of {len(eval_prompts)} problems")]))
+    show = eval_prompts[:: max(1, len(eval_prompts) // 6)][:6]
+    before = greedy_completions(policy, show, c.max_new_tokens)
+
+    # 3. Reward model on SFT samples ranked by the gold judge.
+    rm_prompts = task.rl_prompts(seed=c.seed)
+    pairs = build_preference_pairs(policy, rm_prompts, judge, c.pair_samples, c.pair_temperature,
+                                   c.max_new_tokens, c.seed)
+    random.Random(c.seed).shuffle(pairs)
+    n_val = max(1, len(pairs) // 10)
+    reward_policy = Policy.load(os.path.join(out, "sft"), scalar_head=True)
+    stage = RewardModel(reward_policy, pairs[n_val:], pairs[:n_val], c.reward)
+    trainer = make_trainer(out, "reward_model", c.reward_steps, **trainer_kw)
+    trainer.fit(stage)
+    val = trainer.validate(stage, verbose=False)[0]
+    reward_policy.save(os.path.join(out, "reward_model"), extra={"stage": "reward_model", "config": asdict(c.reward)})
+    summary["reward_model"] = {"pairs": len(pairs), "val_accuracy": val["val/accuracy"], "val_loss": val["val/loss"]}
+    echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
+                                 ("val accuracy", f"{val['val/accuracy']:.1%}")]))
+
+    # 4. PPO against the learned reward model; the gold judge only watches.
+    policy = Policy.load(os.path.join(out, "sft"), scalar_head=True, reference="copy")
+    reference = policy.generate(rm_prompts, max_new_tokens=c.max_new_tokens, temperature=c.ppo.temperature)
+    reward_fn = RewardModelSource(reward_policy).normalize(reference.prompts, reference.completions)
+    stage = PPO(policy, task.rl_prompts(seed=c.seed), reward_fn, c.ppo,
+                gold_fn=CallableSource(judge), val_prompts=eval_prompts)
+    # Manual optimisation counts every minibatch update as a Trainer step.
+    updates = c.ppo_iterations * c.ppo.ppo_epochs * c.ppo.minibatches
+    trainer = make_trainer(out, algorithm, updates, val_check_interval=c.eval_every,
+                           check_val_every_n_epoch=None, **trainer_kw)
+    trainer.fit(stage)
+    policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(c.ppo)})
+    rl_acc = gold_accuracy(policy, eval_prompts, judge, c.max_new_tokens)
+    last = stage.history[-1]
+    summary["rl"] = {"algorithm": algorithm, "gold_accuracy": rl_acc, "reward": last["train/reward"],
+                     "kl": last["train/kl"], "iterations": len(stage.history)}
+    after = greedy_completions(policy, show, c.max_new_tokens)
+    echo(_table(algorithm, [("iterations", str(len(stage.history))),
+                            ("proxy reward (last)", f"{last['train/reward']:.3f}"),
+                            ("KL to reference (last)", f"{last['train/kl']:.3f} nats"),
+                            ("greedy gold accuracy", f"{sft_acc:.1%} → {rl_acc:.1%}")]))
+    echo(_samples_table("generations before and after RL", show, before, after, judge))
+
+    _plot(stage.history, os.path.join(out, "rl_curve.png"), algorithm)
+    summary["seconds"] = time.perf_counter() - start
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    echo(f"\nwrote {out}/ (summary.json, rl_curve.png, one checkpoint folder per stage) "
+         f"in {summary['seconds']:.0f} s")
+    return summary

@@ -1,0 +1,71 @@
+"""Pure tensor loss functions for RLHF: masked reductions, LM, reward, KL, advantages, PPO.
+
+Nothing here touches models, Lightning or I/O; every loss returns ``(loss, metrics)`` with
+``metrics`` a dict of detached scalar tensors (KL estimators and advantage functions return
+tensors).
+"""
+
+from rlhf_lab.losses.advantages import (
+    BASELINES,
+    baseline_batch_mean,
+    baseline_group_norm,
+    baseline_leave_one_out,
+    baseline_none,
+    gae,
+    reinforce_advantages,
+    whiten_advantages,
+)
+from rlhf_lab.losses.kl import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    kl_k1,
+    kl_k2,
+    kl_k3,
+    kl_penalty,
+)
+from rlhf_lab.losses.lm import lm_loss
+from rlhf_lab.losses.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_lab.losses.ppo import (
+    AGGREGATIONS,
+    RATIO_LEVELS,
+    entropy_bonus,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from rlhf_lab.losses.reward import bradley_terry_loss
+
+__all__ = [
+    # masked
+    "masked_sum",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    # lm
+    "lm_loss",
+    # reward
+    "bradley_terry_loss",
+    # kl
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "KL_ESTIMATORS",
+    "kl_penalty",
+    "FixedKLController",
+    "AdaptiveKLController",
+    # advantages
+    "gae",
+    "baseline_none",
+    "baseline_batch_mean",
+    "baseline_leave_one_out",
+    "baseline_group_norm",
+    "BASELINES",
+    "reinforce_advantages",
+    "whiten_advantages",
+    # ppo
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "entropy_bonus",
+    "RATIO_LEVELS",
+    "AGGREGATIONS",
+]

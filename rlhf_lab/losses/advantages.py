@@ -1,0 +1,205 @@
+"""Advantage estimators: GAE for token-level critics, REINFORCE baselines for sequence scores."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rlhf_lab.losses._checks import (
+    check_choice,
+    check_ndim,
+    check_positive,
+    check_same_shape,
+    check_unit_interval,
+)
+from rlhf_lab.losses.masked import masked_whiten
+
+__all__ = [
+    "gae",
+    "baseline_none",
+    "baseline_batch_mean",
+    "baseline_leave_one_out",
+    "baseline_group_norm",
+    "BASELINES",
+    "reinforce_advantages",
+    "whiten_advantages",
+]
+
+
+def _discount_matrix(
+    coef: float, size: int, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    # D[t, s] = coef^(s - t) for s >= t, else 0. The clamp keeps the exponent of the lower
+    # triangle at 0 so pow never sees a negative power (coef may be 0); the mask zeroes it.
+    idx = torch.arange(size, device=device)
+    lag = idx[None, :] - idx[:, None]
+    powers = torch.pow(torch.tensor(coef, dtype=dtype, device=device), lag.clamp_min(0).to(dtype))
+    return torch.where(lag >= 0, powers, 0.0)
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    response_mask: torch.Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised Advantage Estimation over the response tokens of each row.
+
+    Formula: with m = response_mask,
+        delta_t = m_t * (r_t + gamma * V_{t+1} * m_{t+1} - V_t)     (V after the last response
+                                                                    token counts as 0)
+        A_t     = m_t * sum_{l >= 0} (gamma * lam)^l * delta_{t+l}
+        returns = m_t * (A_t + V_t)
+    Computed without a loop over time as A = delta @ D^T with the (T, T) upper-triangular
+    discount matrix D[t, s] = (gamma * lam)^(s - t), s >= t. This is exact because delta is 0
+    outside the mask and each row's response region is contiguous, so the sum from t stops at
+    the end of the response. Rewards outside the mask are ignored.
+    The function does not detach; call it on detached rewards/values (rollout time).
+    Reference: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized
+    Advantage Estimation" (ICLR 2016, arXiv:1506.02438).
+
+    Shape: rewards (B, T), values (B, T), response_mask (B, T) with one contiguous run of ones
+    per row (it may start at any column and be followed by padding). Returns advantages (B, T),
+    returns (B, T).
+    """
+    check_ndim("rewards", rewards, 2, "(B, T)")
+    check_same_shape("rewards", rewards, values=values, response_mask=response_mask)
+    check_unit_interval("gamma", gamma)
+    check_unit_interval("lam", lam)
+    if rewards.shape[1] == 0:
+        raise ValueError("rewards must have at least one time step, got T = 0")
+    out_dtype = values.dtype
+    # bf16/fp16 cannot hold (gamma*lam)^k or long discounted sums accurately.
+    dtype = torch.promote_types(torch.promote_types(rewards.dtype, out_dtype), torch.float32)
+    rewards, values = rewards.to(dtype), values.to(dtype)
+    m = response_mask.to(dtype)
+    # A second 0->1 step in a row would let the discounted sum run across the gap.
+    starts = (m[:, 1:] > m[:, :-1]).sum(dim=1) + (m[:, 0] > 0).to(torch.long)
+    if bool((starts > 1).any()):
+        raise ValueError("response_mask must have one contiguous run of ones per row")
+
+    next_values = torch.zeros_like(values)
+    next_values[:, :-1] = values[:, 1:] * m[:, 1:]
+    deltas = torch.where(m != 0, rewards + gamma * next_values - values, 0.0)
+    discount = _discount_matrix(gamma * lam, values.shape[1], dtype, values.device)
+    advantages = torch.einsum("ts,bs->bt", discount, deltas)
+    advantages = torch.where(m != 0, advantages, 0.0)
+    returns = torch.where(m != 0, advantages + values, 0.0)
+    return advantages.to(out_dtype), returns.to(out_dtype)
+
+
+def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Check (B,) scores and view them as (n_prompts, G)."""
+    check_ndim("scores", scores, 1, "(B,)")
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if scores.shape[0] % group_size != 0:
+        raise ValueError(
+            f"group_size {group_size} must divide the batch size of scores {scores.shape[0]}"
+        )
+    return scores.view(-1, group_size)
+
+
+def baseline_none(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """No baseline: the advantage is the raw score.
+
+    Formula: A_i = R_i.
+    Reference: Williams 1992, "Simple Statistical Gradient-Following Algorithms for
+    Connectionist Reinforcement Learning" (Machine Learning 8).
+
+    Shape: scores (B,) with B = n_prompts * G -> (B,).
+    """
+    _grouped(scores, group_size)
+    return scores.clone()
+
+
+def baseline_batch_mean(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Subtract the mean score of the whole batch.
+
+    Formula: A_i = R_i - (1/B) sum_j R_j.
+    Reference: Williams 1992, "Simple Statistical Gradient-Following Algorithms for
+    Connectionist Reinforcement Learning" (Machine Learning 8), reinforcement baseline.
+
+    Shape: scores (B,) with B = n_prompts * G -> (B,).
+    """
+    _grouped(scores, group_size)
+    return scores - scores.mean()
+
+
+def baseline_leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO: subtract the mean score of the other samples for the same prompt.
+
+    Formula: A_i = R_i - 1/(G-1) sum_{j != i, same prompt} R_j
+                 = G/(G-1) * (R_i - mean_group R).
+        Leaving sample i out keeps the baseline independent of it, so the gradient stays
+        unbiased. Needs G >= 2.
+    Reference: Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"
+    (ICLR 2019 workshop); Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
+    Optimization for Learning from Human Feedback in LLMs" (arXiv:2402.14740).
+
+    Shape: scores (B,) with B = n_prompts * G, rows [k*G:(k+1)*G] from prompt k -> (B,).
+    """
+    groups = _grouped(scores, group_size)
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 for leave_one_out, got {group_size}")
+    centered = groups - groups.mean(dim=1, keepdim=True)
+    return (centered * (group_size / (group_size - 1))).reshape(-1)
+
+
+def baseline_group_norm(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """GRPO: standardise each score within the group of samples for its prompt.
+
+    Formula: A_i = (R_i - mean_group R) / (std_group R + eps), where std is the population
+        standard deviation sqrt(1/G sum_j (R_j - mean)^2) (unbiased=False), so a group of G=2
+        scores {a, b} maps to {+1, -1} (up to eps) and G=1 is defined (gives 0). A group with
+        identical scores gives 0.
+    Reference: Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
+    Open Language Models" (arXiv:2402.03300), outcome supervision in GRPO.
+
+    Shape: scores (B,) with B = n_prompts * G, rows [k*G:(k+1)*G] from prompt k -> (B,).
+    """
+    groups = _grouped(scores, group_size)
+    check_positive("eps", eps, allow_zero=True)
+    mean = groups.mean(dim=1, keepdim=True)
+    std = groups.std(dim=1, unbiased=False, keepdim=True)
+    return ((groups - mean) / (std + eps)).reshape(-1)
+
+
+BASELINES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+    "none": baseline_none,
+    "batch_mean": baseline_batch_mean,
+    "leave_one_out": baseline_leave_one_out,
+    "group_norm": baseline_group_norm,
+}
+
+
+def reinforce_advantages(
+    scores: torch.Tensor, group_size: int, baseline: str = "batch_mean"
+) -> torch.Tensor:
+    """Per-sequence REINFORCE advantages with the baseline chosen by name from BASELINES.
+
+    Formula: see baseline_none ("none"), baseline_batch_mean ("batch_mean"),
+        baseline_leave_one_out ("leave_one_out"), baseline_group_norm ("group_norm").
+    Reference: Williams 1992, "Simple Statistical Gradient-Following Algorithms for
+    Connectionist Reinforcement Learning" (Machine Learning 8), and the per-baseline papers.
+
+    Shape: scores (B,) with B = n_prompts * G -> (B,).
+    """
+    check_choice("baseline", baseline, BASELINES)
+    return BASELINES[baseline](scores, group_size)
+
+
+def whiten_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Whiten advantages over the response tokens of the batch (zero mean, unit variance).
+
+    Formula: A' = (A - mu) / sqrt(var + 1e-8) on masked positions, 0 elsewhere, with mu and the
+        unbiased var taken over masked positions (masked_whiten with shift_mean=True).
+    Reference: Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences"
+    (arXiv:1909.08593); common PPO practice.
+
+    Shape: advantages (B, T), response_mask (B, T) -> (B, T).
+    """
+    check_same_shape("advantages", advantages, response_mask=response_mask)
+    return masked_whiten(advantages, response_mask, shift_mean=True)

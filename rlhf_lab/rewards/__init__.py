@@ -1,0 +1,65 @@
+"""Reward sources: map (prompts, completions) to one score per completion.
+
+A reward source is any callable `(prompts: list[str], completions: list[str]) -> Tensor (B,)`.
+`RewardModelSource` wraps a trained reward model (a `Policy` with a scalar head); `CallableSource`
+wraps a Python function returning floats, such as a task's gold judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from rlhf_lab.data.datasets import SFTDataset, pad_collate
+from rlhf_lab.policy import Policy
+
+
+class CallableSource:
+    """Wrap `fn(prompts, completions) -> list[float]` as a reward source."""
+
+    def __init__(self, fn: Callable[[list[str], list[str]], list[float]]):
+        self.fn = fn
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        return torch.as_tensor(self.fn(prompts, completions), dtype=torch.float)
+
+
+class RewardModelSource:
+    """Score `prompt + completion + EOS` with a reward model's head at the last token.
+
+    The text is re-tokenised with the reward model's own tokenizer, so the reward model need not
+    share the policy's vocabulary. Scores are computed without gradients in batches, and reported
+    as `(score − shift) / scale`: a Bradley–Terry model fixes scores only up to a constant, so
+    `normalize` sets shift and scale to make samples of a reference policy score mean 0 and
+    std 1 (as Stiennon et al. 2020 and Ouyang et al. 2022 normalise theirs before RL).
+    """
+
+    def __init__(self, reward_model: Policy, batch_size: int = 64, max_length: int = 128,
+                 shift: float = 0.0, scale: float = 1.0):
+        reward_model._require_head("scores")
+        if scale <= 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        self.model = reward_model.eval().requires_grad_(False)
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.shift, self.scale = shift, scale
+
+    def normalize(self, prompts: list[str], completions: list[str]) -> RewardModelSource:
+        """Set shift/scale so these (reference) samples score mean 0, std 1; returns self."""
+        self.shift, self.scale = 0.0, 1.0
+        raw = self(prompts, completions)
+        self.shift, self.scale = float(raw.mean()), float(raw.std().clamp(min=1e-6))
+        return self
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
+        data = SFTDataset(rows, self.model.tokenizer, self.max_length)
+        pad = self.model.tokenizer.pad_token_id
+        out = []
+        for start in range(0, len(data), self.batch_size):
+            batch = pad_collate([data[i] for i in range(start, min(start + self.batch_size, len(data)))], pad)
+            device = self.model.device
+            out.append(self.model.scores(batch["input_ids"].to(device), batch["attention_mask"].to(device)))
+        return (torch.cat(out) - self.shift) / self.scale

@@ -1,0 +1,236 @@
+"""Rollouts and the rollout buffer shared by every online algorithm.
+
+A `Rollout` is one batch of sampled sequences. Every tensor field is `(B, T)` over the full
+sequence (left-padded prompt, then response, then right padding), so per-token quantities line up
+with `input_ids` column by column: `logprobs[:, t]` is log π(input_ids[:, t] | input_ids[:, :t]),
+and `values[:, t]` is the critic's value of the state in which token t was chosen.
+Per-sequence fields (`scores`, `group_ids`) are `(B,)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf_lab.losses import BASELINES, gae, masked_whiten
+
+# Fields indexed along the batch dimension when a rollout is sliced or concatenated.
+_TOKEN_FIELDS = (
+    "input_ids",
+    "attention_mask",
+    "response_mask",
+    "logprobs",
+    "ref_logprobs",
+    "values",
+    "rewards",
+    "advantages",
+    "returns",
+)
+_SEQ_FIELDS = ("scores", "gold_scores", "group_ids", "ended_with_eos")
+_TEXT_FIELDS = ("prompts", "completions")
+
+
+@dataclass
+class Rollout:
+    """A typed batch of sampled sequences (see the module docstring for alignment).
+
+    Shape: token fields `(B, T)`; `scores`, `gold_scores`, `group_ids`, `ended_with_eos` `(B,)`.
+    Optional fields are None until the stage that fills them runs.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    prompt_length: int
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    gold_scores: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    group_ids: torch.Tensor | None = None
+    ended_with_eos: torch.Tensor | None = None
+    prompts: list[str] = field(default_factory=list)
+    completions: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def response_lengths(self) -> torch.Tensor:
+        """Number of generated tokens per sequence (EOS included). Shape: (B,)."""
+        return self.response_mask.sum(dim=1)
+
+    def __post_init__(self) -> None:
+        b, t = self.input_ids.shape
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value.shape != (b, t):
+                raise ValueError(f"Rollout.{name} has shape {tuple(value.shape)}, expected {(b, t)}")
+        for name in _SEQ_FIELDS:
+            value = getattr(self, name)
+            if value is not None and value.shape != (b,):
+                raise ValueError(f"Rollout.{name} has shape {tuple(value.shape)}, expected {(b,)}")
+
+    def index(self, idx: torch.Tensor) -> Rollout:
+        """The rollout restricted to rows `idx` (a 1-D index tensor)."""
+        kwargs = {"prompt_length": self.prompt_length}
+        for name in _TOKEN_FIELDS + _SEQ_FIELDS:
+            value = getattr(self, name)
+            kwargs[name] = None if value is None else value[idx]
+        rows = idx.tolist()
+        for name in _TEXT_FIELDS:
+            value = getattr(self, name)
+            kwargs[name] = [value[i] for i in rows] if value else []
+        return Rollout(**kwargs)
+
+    def to(self, device: torch.device | str) -> Rollout:
+        return dataclasses.replace(
+            self,
+            **{
+                name: getattr(self, name).to(device)
+                for name in _TOKEN_FIELDS + _SEQ_FIELDS
+                if getattr(self, name) is not None
+            },
+        )
+
+    @staticmethod
+    def concat(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
+        """Stack rollouts along the batch, right-padding shorter ones in time.
+
+        Prompts of different rollouts may have been left-padded to different widths; that is kept
+        as is (each row carries its own masks), so only the right side is padded here.
+        """
+        if not rollouts:
+            raise ValueError("Rollout.concat needs at least one rollout")
+        width = max(r.input_ids.shape[1] for r in rollouts)
+        kwargs: dict = {"prompt_length": max(r.prompt_length for r in rollouts)}
+        for name in _TOKEN_FIELDS:
+            parts = [getattr(r, name) for r in rollouts]
+            if any(p is None for p in parts):
+                kwargs[name] = None
+                continue
+            fill = pad_token_id if name == "input_ids" else 0
+            kwargs[name] = torch.cat(
+                [torch.nn.functional.pad(p, (0, width - p.shape[1]), value=fill) for p in parts]
+            )
+        for name in _SEQ_FIELDS:
+            parts = [getattr(r, name) for r in rollouts]
+            kwargs[name] = None if any(p is None for p in parts) else torch.cat(parts)
+        for name in _TEXT_FIELDS:
+            kwargs[name] = [x for r in rollouts for x in getattr(r, name)]
+        return Rollout(**kwargs)
+
+    def save(self, path: str) -> None:
+        """Write the rollout to one file (torch.save of plain tensors and lists)."""
+        data = {name: getattr(self, name) for name in _TOKEN_FIELDS + _SEQ_FIELDS + _TEXT_FIELDS}
+        data["prompt_length"] = self.prompt_length
+        torch.save(data, path)
+
+    @staticmethod
+    def load(path: str) -> Rollout:
+        return Rollout(**torch.load(path, map_location="cpu", weights_only=False))
+
+
+ADVANTAGE_ESTIMATORS = ("gae", *BASELINES)
+
+
+class RolloutBuffer:
+    """Collects rollouts, computes advantages, and serves shuffled minibatches for K epochs.
+
+    Every online algorithm fills and reads this one buffer, so a stored buffer can be replayed
+    through a different loss for controlled ablations.
+    """
+
+    def __init__(self, pad_token_id: int):
+        self.pad_token_id = pad_token_id
+        self._parts: list[Rollout] = []
+        self._data: Rollout | None = None
+
+    def add(self, rollout: Rollout) -> None:
+        self._parts.append(rollout)
+        self._data = None
+
+    def clear(self) -> None:
+        self._parts.clear()
+        self._data = None
+
+    @property
+    def data(self) -> Rollout:
+        if self._data is None:
+            if not self._parts:
+                raise ValueError("RolloutBuffer is empty: call add() first")
+            self._data = Rollout.concat(self._parts, self.pad_token_id)
+            self._parts = [self._data]
+        return self._data
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self._parts)
+
+    def compute_advantages(
+        self,
+        estimator: str = "gae",
+        gamma: float = 1.0,
+        lam: float = 0.95,
+        group_size: int = 1,
+        whiten: bool = True,
+    ) -> Rollout:
+        """Fill `advantages` and `returns` of the buffered rollout.
+
+        `estimator="gae"` uses per-token `rewards` and the critic's `values`; the REINFORCE
+        baselines (`none`, `batch_mean`, `leave_one_out`, `group_norm`) use the per-sequence
+        `rewards` summed over the response, broadcast to every response token.
+        """
+        data = self.data
+        if data.rewards is None:
+            raise ValueError("RolloutBuffer.compute_advantages: rollout.rewards is not set")
+        mask = data.response_mask.float()
+        if estimator == "gae":
+            if data.values is None:
+                raise ValueError("estimator 'gae' needs rollout.values (a critic)")
+            advantages, returns = gae(data.rewards, data.values, mask, gamma=gamma, lam=lam)
+        elif estimator in BASELINES:
+            seq_return = (data.rewards * mask).sum(dim=1)
+            seq_adv = BASELINES[estimator](seq_return, group_size)
+            advantages = seq_adv[:, None] * mask
+            returns = seq_return[:, None] * mask
+        else:
+            raise ValueError(
+                f"unknown advantage estimator '{estimator}'; choose from: "
+                + ", ".join(ADVANTAGE_ESTIMATORS)
+            )
+        if whiten:
+            advantages = masked_whiten(advantages, mask, shift_mean=True)
+        data.advantages = advantages
+        data.returns = returns
+        return data
+
+    def minibatches(
+        self, num_minibatches: int, epochs: int = 1, generator: torch.Generator | None = None
+    ) -> Iterator[Rollout]:
+        """Yield `epochs` passes over the buffer, each a fresh shuffle split into minibatches.
+
+        Every sample appears exactly once per epoch; minibatch sizes differ by at most one.
+        """
+        data = self.data
+        n = len(data)
+        if not 1 <= num_minibatches <= n:
+            raise ValueError(f"num_minibatches must be in [1, {n}] for a buffer of {n}, got {num_minibatches}")
+        for _ in range(epochs):
+            order = torch.randperm(n, generator=generator)
+            for chunk in torch.tensor_split(order, num_minibatches):
+                yield data.index(chunk.to(data.input_ids.device))
+
+    def save(self, path: str) -> None:
+        self.data.save(path)
+
+    @classmethod
+    def load(cls, path: str, pad_token_id: int) -> RolloutBuffer:
+        buffer = cls(pad_token_id)
+        buffer.add(Rollout.load(path))
+        return buffer

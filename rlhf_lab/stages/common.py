@@ -1,0 +1,50 @@
+"""Small helpers shared by the stages: config validation, the optimiser, budget counters."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Raise a ValueError naming the config field when `value` is not positive."""
+    bad = value < 0 if allow_zero else value <= 0
+    if bad or (isinstance(value, float) and math.isnan(value)):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+
+
+def check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):
+    """AdamW with an optional linear warm-up; returns Lightning's optimiser config dict."""
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if warmup_steps <= 0:
+        return optimizer
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+class Budget:
+    """Counters for the budget axes logged beside every metric (`budget/*` in DESIGN.md)."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+        self.samples = 0
+        self.generated_tokens = 0
+        self.reward_calls = 0
+        self.optimizer_steps = 0
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "budget/samples": float(self.samples),
+            "budget/generated_tokens": float(self.generated_tokens),
+            "budget/reward_calls": float(self.reward_calls),
+            "budget/optimizer_steps": float(self.optimizer_steps),
+            "budget/seconds": time.perf_counter() - self.start,
+        }

@@ -1,0 +1,135 @@
+"""Language-modelling stages: `Pretrain` (every token) and `SFT` (completion tokens only).
+
+Both minimise the masked next-token NLL (`rlhf_lab.losses.lm_loss`); they differ only in the data
+they build: packed blocks of a text corpus, or prompt/completion pairs whose prompt tokens are
+masked out of the loss.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rlhf_lab.data import PackedTextDataset, SFTDataset, pad_collate
+from rlhf_lab.losses import lm_loss
+from rlhf_lab.policy import Policy
+from rlhf_lab.stages.common import Budget, adamw, check_positive
+
+
+@dataclass
+class PretrainConfig:
+    """Hyperparameters of LM pretraining on packed blocks of text."""
+
+    lr: float = 3e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps
+    batch_size: int = 32  # blocks per optimiser step
+    block_size: int = 64  # tokens per block
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("batch_size", self.batch_size)
+        check_positive("block_size", self.block_size)
+
+
+@dataclass
+class SFTConfig:
+    """Hyperparameters of supervised fine-tuning on prompt/completion pairs."""
+
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps
+    batch_size: int = 32  # pairs per optimiser step
+    max_length: int = 128  # tokens per row; longer rows lose the start of the prompt (counted)
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("batch_size", self.batch_size)
+        check_positive("max_length", self.max_length)
+
+
+class LanguageModeling(L.LightningModule):
+    """Masked next-token NLL on a dataset of `input_ids`/`attention_mask`/`loss_mask` rows."""
+
+    def __init__(self, policy: Policy, train_data: Dataset, val_data: Dataset | None, config):
+        super().__init__()
+        self.policy = policy
+        self.config = config
+        self.train_data, self.val_data = train_data, val_data
+        self.budget = Budget()
+        self.save_hyperparameters({"stage": type(self).__name__.lower(), **asdict(config)})
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        logprobs = self.policy.logprobs(batch["input_ids"], batch["attention_mask"])  # (B, T)
+        # loss_mask marks target tokens; column 0 has no context, so it never counts.
+        mask = batch["loss_mask"].clone()
+        mask[:, 0] = 0
+        return lm_loss(logprobs, mask)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self._loss(batch)
+        self.budget.samples += batch["input_ids"].shape[0]
+        self.budget.optimizer_steps += 1
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/perplexity", metrics["perplexity"])
+        self.log_dict(self.budget.metrics())
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, _ = self._loss(batch)
+        self.log("val/loss", loss, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("val/loss")
+        if loss is not None:
+            self.log("val/perplexity", torch.exp(loss))
+
+    def configure_optimizers(self):
+        c = self.config
+        return adamw(self.policy.trainable_parameters(), c.lr, c.weight_decay, c.warmup_steps)
+
+    def _loader(self, data: Dataset, shuffle: bool) -> DataLoader:
+        collate = partial(pad_collate, pad_token_id=self.policy.tokenizer.pad_token_id)
+        return DataLoader(data, batch_size=self.config.batch_size, shuffle=shuffle, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_data is None else self._loader(self.val_data, shuffle=False)
+
+
+class Pretrain(LanguageModeling):
+    """Next-token pretraining on a text corpus, packed into blocks of `config.block_size`."""
+
+    config_class = PretrainConfig
+
+    def __init__(self, policy: Policy, train_texts: list[str], val_texts: list[str] | None = None,
+                 config: PretrainConfig | None = None):
+        config = config or PretrainConfig()
+        tok = policy.tokenizer
+        train = PackedTextDataset(train_texts, tok, config.block_size)
+        val = PackedTextDataset(val_texts, tok, config.block_size) if val_texts else None
+        super().__init__(policy, train, val, config)
+
+
+class SFT(LanguageModeling):
+    """Supervised fine-tuning: `prompt + completion + EOS`, loss on completion tokens only."""
+
+    config_class = SFTConfig
+
+    def __init__(self, policy: Policy, train_rows: list[dict], val_rows: list[dict] | None = None,
+                 config: SFTConfig | None = None):
+        config = config or SFTConfig()
+        tok = policy.tokenizer
+        train = SFTDataset(train_rows, tok, config.max_length)
+        val = SFTDataset(val_rows, tok, config.max_length) if val_rows else None
+        super().__init__(policy, train, val, config)

@@ -1,0 +1,262 @@
+"""PPO for language models, with manual optimisation inside Lightning.
+
+One training step is one PPO iteration (Ouyang et al. 2022; Ziegler et al. 2019; Huang et al.
+2024 "The N+ implementation details of RLHF with PPO"):
+
+1. sample `samples_per_prompt` responses per prompt from the current policy (KV cache);
+2. score each (prompt, response) with the reward source (a reward model, usually);
+3. compute reference log-probs and the critic's values, without gradients;
+4. build per-token rewards: −β·KL_t on every response token, plus the score on the last one;
+5. GAE(γ, λ) advantages (optionally whitened) and returns, in the rollout buffer;
+6. `ppo_epochs` passes of shuffled minibatches, each a clipped-surrogate + clipped-value update.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rlhf_lab.losses import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_bonus,
+    kl_k1,
+    kl_penalty,
+    masked_mean,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from rlhf_lab.policy import Policy
+from rlhf_lab.rollout import Rollout, RolloutBuffer
+from rlhf_lab.stages.common import Budget, check_choice, check_positive
+
+RewardFn = Callable[[list[str], list[str]], torch.Tensor]
+
+
+@dataclass
+class PPOConfig:
+    """Hyperparameters of one PPO run. Field names are the knobs of DESIGN.md."""
+
+    lr: float = 1e-4  # AdamW learning rate (actor and critic)
+    prompts_per_step: int = 16  # prompts sampled per iteration
+    samples_per_prompt: int = 1  # responses per prompt (G)
+    max_new_tokens: int = 8  # response length limit
+    temperature: float = 1.0  # sampling temperature; log-probs use the same temperature
+    top_p: float = 1.0  # nucleus sampling mass
+    ppo_epochs: int = 4  # passes over each batch of rollouts (K)
+    minibatches: int = 2  # minibatches per pass
+    clip_ratio: float | None = 0.2  # ε of the clipped surrogate; None = plain policy gradient
+    ratio_level: str = "token"  # "token" or "sequence" importance ratio
+    aggregation: str = "token_mean"  # "token_mean" over the batch, or "seq_mean"
+    value_clip: float | None = 0.2  # clip range of the value update; None = unclipped
+    vf_coef: float = 0.5  # weight of the value loss
+    entropy_coef: float = 0.0  # weight of the entropy bonus
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE λ
+    kl_coef: float = 0.05  # β, weight of the KL penalty in the reward
+    kl_estimator: str = "k1"  # per-token KL estimator in the penalty: k1, k2 or k3
+    kl_target: float | None = None  # adaptive KL controller target (per-sequence KL); None = fixed β
+    kl_horizon: int = 10000  # adaptive controller horizon, in samples
+    whiten_advantages: bool = True  # normalise advantages over the batch
+    missing_eos_penalty: float = 0.0  # subtracted from the score of responses that hit the limit
+    max_grad_norm: float = 1.0  # gradient clipping by global norm
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_positive("prompts_per_step", self.prompts_per_step)
+        check_positive("samples_per_prompt", self.samples_per_prompt)
+        check_positive("max_new_tokens", self.max_new_tokens)
+        check_positive("temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_positive("ppo_epochs", self.ppo_epochs)
+        check_positive("minibatches", self.minibatches)
+        if self.minibatches > self.prompts_per_step * self.samples_per_prompt:
+            raise ValueError(
+                f"minibatches ({self.minibatches}) must not exceed prompts_per_step × "
+                f"samples_per_prompt ({self.prompts_per_step * self.samples_per_prompt})"
+            )
+        if self.clip_ratio is not None:
+            check_positive("clip_ratio", self.clip_ratio)
+        if self.value_clip is not None:
+            check_positive("value_clip", self.value_clip)
+        check_choice("ratio_level", self.ratio_level, ("token", "sequence"))
+        check_choice("aggregation", self.aggregation, ("token_mean", "seq_mean"))
+        check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
+        check_positive("vf_coef", self.vf_coef, allow_zero=True)
+        check_positive("entropy_coef", self.entropy_coef, allow_zero=True)
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0 <= self.lam <= 1:
+            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        check_positive("kl_coef", self.kl_coef, allow_zero=True)
+        if self.kl_target is not None:
+            check_positive("kl_target", self.kl_target)
+        check_positive("kl_horizon", self.kl_horizon)
+        check_positive("missing_eos_penalty", self.missing_eos_penalty, allow_zero=True)
+        check_positive("max_grad_norm", self.max_grad_norm)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+
+
+class PPO(L.LightningModule):
+    """PPO with a value-head critic on the policy and a frozen reference copy.
+
+    Args:
+        policy: a `Policy` with `scalar_head=True` (the critic) and `reference="copy"`.
+        prompts: the RL prompt set; one epoch of the train loader is one pass over it.
+        reward_fn: the proxy reward source, `(prompts, completions) -> Tensor (B,)`.
+        gold_fn: optional gold judge logged beside the proxy (`train/gold_reward`).
+        val_prompts: prompts for greedy evaluation (`val/reward`, `val/gold_reward`, `val/kl`).
+    """
+
+    config_class = PPOConfig
+
+    def __init__(
+        self,
+        policy: Policy,
+        prompts: list[str],
+        reward_fn: RewardFn,
+        config: PPOConfig | None = None,
+        gold_fn: RewardFn | None = None,
+        val_prompts: list[str] | None = None,
+    ):
+        super().__init__()
+        policy._require_head("values")
+        if policy.reference is None:
+            raise ValueError("PPO needs a reference policy: build the Policy with reference='copy'")
+        self.policy = policy.disable_dropout()
+        self.config = config or PPOConfig()
+        self.prompts, self.val_prompts = list(prompts), list(val_prompts or [])
+        self.reward_fn, self.gold_fn = reward_fn, gold_fn
+        c = self.config
+        self.kl_ctl = (
+            AdaptiveKLController(c.kl_coef, c.kl_target, c.kl_horizon)
+            if c.kl_target is not None
+            else FixedKLController(c.kl_coef)
+        )
+        self.buffer = RolloutBuffer(policy.tokenizer.pad_token_id)
+        self.budget = Budget()
+        self.history: list[dict] = []  # one row of metrics per iteration, for plots and summaries
+        self.automatic_optimization = False
+        self.save_hyperparameters({"stage": "ppo", "algorithm": "ppo", **asdict(c)})
+
+    # ------------------------------------------------------------------ rollout
+    @torch.no_grad()
+    def make_rollout(self, prompts: list[str]) -> Rollout:
+        """Sample, score and annotate a rollout (steps 1–4 of the module docstring)."""
+        c, policy = self.config, self.policy
+        rollout = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                  top_p=c.top_p, samples_per_prompt=c.samples_per_prompt)
+        device = rollout.input_ids.device
+        scores = self.reward_fn(rollout.prompts, rollout.completions).to(device).float()
+        self.budget.reward_calls += len(rollout)
+        if self.gold_fn is not None:
+            rollout.gold_scores = self.gold_fn(rollout.prompts, rollout.completions).to(device).float()
+        rollout.scores = scores
+        if c.missing_eos_penalty:
+            scores = scores - c.missing_eos_penalty * (~rollout.ended_with_eos).float()
+        ids, attn = rollout.input_ids, rollout.attention_mask
+        mask = rollout.response_mask.float()
+        rollout.ref_logprobs = policy.ref_logprobs(ids, attn, c.temperature)
+        rollout.values = policy.values(ids, attn) * mask
+        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, c.kl_estimator) * mask
+        rewards = -self.kl_ctl.value * kl
+        # The sequence score lands on the last response token (EOS, or the last one sampled).
+        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)
+        rewards[torch.arange(len(rollout), device=device), last] += scores
+        rollout.rewards = rewards
+        return rollout
+
+    # ------------------------------------------------------------------ update
+    def training_step(self, prompts: list[str], batch_idx: int) -> None:
+        c = self.config
+        optimizer = self.optimizers()
+        rollout = self.make_rollout(prompts)
+        self.buffer.clear()
+        self.buffer.add(rollout)
+        rollout = self.buffer.compute_advantages("gae", gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages)
+        sums: dict[str, float] = defaultdict(float)
+        n_updates = 0
+        for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs):
+            logprobs, entropy, values = self.policy.logprobs_and_values(
+                mb.input_ids, mb.attention_mask, c.temperature)
+            policy_loss, pm = ppo_policy_loss(
+                logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_ratio=c.clip_ratio,
+                ratio_level=c.ratio_level, aggregation=c.aggregation)
+            value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask,
+                                            clip_value=c.value_clip)
+            ent, _ = entropy_bonus(entropy, mb.response_mask)
+            loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * ent
+            optimizer.zero_grad()
+            self.manual_backward(loss)
+            self.clip_gradients(optimizer, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
+            optimizer.step()
+            n_updates += 1
+            for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
+                               ("entropy", ent), ("clipfrac", pm["clipfrac"]), ("approx_kl", pm["approx_kl"])):
+                sums[key] += float(value.detach())
+        self._log_iteration(rollout, {k: v / n_updates for k, v in sums.items()}, n_updates)
+
+    def _log_iteration(self, rollout: Rollout, update: dict, n_updates: int) -> None:
+        mask = rollout.response_mask.float()
+        # train/kl is always k1 on the sampled tokens, summed per sequence, so algorithms compare.
+        seq_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
+        self.kl_ctl.update(float(seq_kl), len(rollout))
+        self.budget.samples += len(rollout)
+        self.budget.generated_tokens += int(mask.sum())
+        self.budget.optimizer_steps += n_updates
+        metrics = {f"train/{k}": v for k, v in update.items()}
+        metrics.update({
+            "train/reward": float(rollout.scores.mean()),
+            "train/kl": float(seq_kl),
+            "train/response_length": float(mask.sum(dim=1).mean()),
+            "train/advantage_std": float(masked_mean(rollout.advantages ** 2, mask).sqrt()),
+            "train/kl_coef": float(self.kl_ctl.value),
+            "train/value_mean": float(masked_mean(rollout.values, mask)),
+        })
+        if rollout.gold_scores is not None:
+            metrics["train/gold_reward"] = float(rollout.gold_scores.mean())
+        metrics.update(self.budget.metrics())
+        bar = {"train/reward", "train/gold_reward", "train/kl"}
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key in bar, batch_size=len(rollout))
+        self.history.append({"iteration": len(self.history) + 1, **metrics})
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def validation_step(self, prompts: list[str], batch_idx: int) -> None:
+        rollout = self.policy.generate(prompts, max_new_tokens=self.config.max_new_tokens, greedy=True)
+        mask = rollout.response_mask.float()
+        ref = self.policy.ref_logprobs(rollout.input_ids, rollout.attention_mask)
+        n = len(rollout)
+        self.log("val/reward", self.reward_fn(rollout.prompts, rollout.completions).float().mean(), batch_size=n)
+        self.log("val/kl", (kl_k1(rollout.logprobs, ref) * mask).sum(dim=1).mean(), batch_size=n)
+        if self.gold_fn is not None:
+            gold = self.gold_fn(rollout.prompts, rollout.completions).float().mean()
+            self.log("val/gold_reward", gold, prog_bar=True, batch_size=n)
+
+    def on_validation_epoch_end(self) -> None:
+        if self.history and not self.trainer.sanity_checking:
+            m = self.trainer.callback_metrics
+            self.history[-1].update({k: float(m[k]) for k in ("val/reward", "val/gold_reward", "val/kl") if k in m})
+
+    # ------------------------------------------------------------------ wiring
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.lr,
+                                 weight_decay=self.config.weight_decay)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.prompts, batch_size=self.config.prompts_per_step, shuffle=True,
+                          collate_fn=list, drop_last=len(self.prompts) >= self.config.prompts_per_step)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if not self.val_prompts:
+            return []
+        return DataLoader(self.val_prompts, batch_size=256, collate_fn=list)

@@ -1,0 +1,90 @@
+"""The reward-model stage: pairwise Bradley–Terry training of a scalar head on any backbone."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from rlhf_lab.data import PreferenceDataset, preference_collate
+from rlhf_lab.losses import bradley_terry_loss
+from rlhf_lab.policy import Policy
+from rlhf_lab.stages.common import Budget, adamw, check_positive
+
+
+@dataclass
+class RewardModelConfig:
+    """Hyperparameters of reward-model training on `prompt`/`chosen`/`rejected` rows."""
+
+    lr: float = 1e-3  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps
+    batch_size: int = 32  # pairs per optimiser step
+    max_length: int = 128  # tokens per side; longer rows lose the start of the prompt (counted)
+    margin: float = 0.0  # required score gap m in -log σ(r_c − r_r − m)
+    center_coef: float = 0.0  # weight of the reward-centering penalty (r_c + r_r)²
+
+    def __post_init__(self):
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("batch_size", self.batch_size)
+        check_positive("max_length", self.max_length)
+        check_positive("center_coef", self.center_coef, allow_zero=True)
+
+
+class RewardModel(L.LightningModule):
+    """Train `policy.scores` (a scalar head at the last real token) to rank chosen over rejected."""
+
+    config_class = RewardModelConfig
+
+    def __init__(self, policy: Policy, train_rows: list[dict], val_rows: list[dict] | None = None,
+                 config: RewardModelConfig | None = None):
+        super().__init__()
+        policy._require_head("scores")
+        self.policy = policy
+        self.config = config or RewardModelConfig()
+        c = self.config
+        self.train_data = PreferenceDataset(train_rows, policy.tokenizer, c.max_length)
+        self.val_data = PreferenceDataset(val_rows, policy.tokenizer, c.max_length) if val_rows else None
+        self.budget = Budget()
+        self.save_hyperparameters({"stage": "reward_model", **asdict(c)})
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        scores = self.policy.scores(batch["input_ids"], batch["attention_mask"])  # (2B,)
+        chosen, rejected = scores.chunk(2)  # the collator puts chosen rows first
+        return bradley_terry_loss(chosen, rejected, margin=self.config.margin or None,
+                                  center_coef=self.config.center_coef)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, m = self._loss(batch)
+        self.budget.samples += batch["input_ids"].shape[0] // 2
+        self.budget.optimizer_steps += 1
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/accuracy", m["accuracy"], prog_bar=True)
+        self.log("train/reward_margin", m["margin"])
+        self.log_dict(self.budget.metrics())
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, m = self._loss(batch)
+        n = batch["input_ids"].shape[0] // 2
+        self.log("val/loss", loss, batch_size=n)
+        self.log("val/accuracy", m["accuracy"], prog_bar=True, batch_size=n)
+
+    def configure_optimizers(self):
+        c = self.config
+        return adamw(self.policy.trainable_parameters(), c.lr, c.weight_decay, c.warmup_steps)
+
+    def _loader(self, data: PreferenceDataset, shuffle: bool) -> DataLoader:
+        collate = partial(preference_collate, pad_token_id=self.policy.tokenizer.pad_token_id)
+        return DataLoader(data, batch_size=self.config.batch_size, shuffle=shuffle, collate_fn=collate)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_data, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return [] if self.val_data is None else self._loader(self.val_data, shuffle=False)

@@ -1,0 +1,227 @@
+import pytest
+import torch
+
+from rlhf_lab.losses import (
+    BASELINES,
+    baseline_batch_mean,
+    baseline_group_norm,
+    baseline_leave_one_out,
+    baseline_none,
+    gae,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    reinforce_advantages,
+    whiten_advantages,
+)
+
+# ----------------------------------------------------------------------------------------- GAE
+
+REWARDS = torch.tensor([[0.0, 0.0, 1.0]])
+VALUES = torch.tensor([[0.5, 0.6, 0.7]])
+FULL = torch.ones(1, 3)
+
+
+def test_gae_three_steps_by_hand():
+    # gamma = 0.9, lam = 0.8, gamma * lam = 0.72; value after the last token is 0.
+    # delta_2 = 1 + 0.9 * 0   - 0.7 = 0.3
+    # delta_1 = 0 + 0.9 * 0.7 - 0.6 = 0.03
+    # delta_0 = 0 + 0.9 * 0.6 - 0.5 = 0.04
+    # A_2 = 0.3
+    # A_1 = 0.03 + 0.72 * 0.3   = 0.246
+    # A_0 = 0.04 + 0.72 * 0.246 = 0.21712
+    # returns = A + V = [0.71712, 0.846, 1.0]
+    adv, ret = gae(REWARDS, VALUES, FULL, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.21712, 0.246, 0.3]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.71712, 0.846, 1.0]]))
+
+
+def test_gae_left_offset_and_padding_match_unpadded_row():
+    # Same episode placed at columns 1..3 of a length-5 row; padding holds junk that must not leak.
+    rewards = torch.tensor([[5.0, 0.0, 0.0, 1.0, 5.0]])
+    values = torch.tensor([[9.0, 0.5, 0.6, 0.7, 9.0]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    torch.testing.assert_close(adv, torch.tensor([[0.0, 0.21712, 0.246, 0.3, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[0.0, 0.71712, 0.846, 1.0, 0.0]]))
+
+
+def test_gamma_and_lam_change_the_result():
+    base, _ = gae(REWARDS, VALUES, FULL, gamma=0.9, lam=0.8)
+    # gamma = lam = 1: Monte Carlo return minus value, A_t = sum_{s>=t} r_s - V_t
+    #   = [1 - 0.5, 1 - 0.6, 1 - 0.7] = [0.5, 0.4, 0.3]
+    mc, _ = gae(REWARDS, VALUES, FULL, gamma=1.0, lam=1.0)
+    torch.testing.assert_close(mc, torch.tensor([[0.5, 0.4, 0.3]]))
+    # lam = 0: one-step TD error, A = delta = [0.04, 0.03, 0.3]
+    td, _ = gae(REWARDS, VALUES, FULL, gamma=0.9, lam=0.0)
+    torch.testing.assert_close(td, torch.tensor([[0.04, 0.03, 0.3]]))
+    # gamma alone: gamma = 0.5, lam = 0.8 (gamma * lam = 0.4)
+    # delta = [0.5*0.6 - 0.5, 0.5*0.7 - 0.6, 1 - 0.7] = [-0.2, -0.25, 0.3]
+    # A_2 = 0.3; A_1 = -0.25 + 0.4 * 0.3 = -0.13; A_0 = -0.2 + 0.4 * -0.13 = -0.252
+    low_gamma, _ = gae(REWARDS, VALUES, FULL, gamma=0.5, lam=0.8)
+    torch.testing.assert_close(low_gamma, torch.tensor([[-0.252, -0.13, 0.3]]))
+    # lam alone: gamma = 0.9, lam = 0.5 (0.45): A_1 = 0.03 + 0.45*0.3 = 0.165;
+    # A_0 = 0.04 + 0.45 * 0.165 = 0.11425
+    low_lam, _ = gae(REWARDS, VALUES, FULL, gamma=0.9, lam=0.5)
+    torch.testing.assert_close(low_lam, torch.tensor([[0.11425, 0.165, 0.3]]))
+    for other in (mc, td, low_gamma, low_lam):
+        assert not torch.allclose(base, other)
+
+
+def _gae_reference(rewards, values, mask, gamma, lam):
+    """Backward recursion A_t = delta_t + gamma * lam * A_{t+1}, one row and step at a time."""
+    batch, steps = rewards.shape
+    adv = torch.zeros_like(rewards)
+    for b in range(batch):
+        for t in reversed(range(steps)):
+            if mask[b, t] == 0:
+                continue
+            inside_next = t + 1 < steps and mask[b, t + 1] != 0
+            next_value = values[b, t + 1] if inside_next else 0.0
+            next_adv = adv[b, t + 1] if inside_next else 0.0
+            delta = rewards[b, t] + gamma * next_value - values[b, t]
+            adv[b, t] = delta + gamma * lam * next_adv
+    return adv, torch.where(mask != 0, adv + values, 0.0)
+
+
+@pytest.mark.parametrize("gamma, lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (0.7, 0.0)])
+def test_gae_matches_reference_loop(gamma, lam):
+    gen = torch.Generator().manual_seed(0)
+    batch, steps = 7, 9
+    rewards = torch.randn(batch, steps, generator=gen, dtype=torch.float64)
+    values = torch.randn(batch, steps, generator=gen, dtype=torch.float64)
+    # (start, length): left offsets, trailing padding, a full row, a one-token row, an empty row
+    spans = [(0, 9), (0, 4), (3, 6), (2, 3), (5, 1), (0, 0), (8, 1)]
+    mask = torch.zeros(batch, steps, dtype=torch.float64)
+    for b, (start, length) in enumerate(spans):
+        mask[b, start : start + length] = 1.0
+    adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
+    ref_adv, ref_ret = _gae_reference(rewards, values, mask, gamma, lam)
+    torch.testing.assert_close(adv, ref_adv)
+    torch.testing.assert_close(ret, ref_ret)
+    assert (adv[mask == 0] == 0).all() and (ret[mask == 0] == 0).all()
+    # bool masks give the same answer
+    adv_bool, _ = gae(rewards, values, mask.bool(), gamma=gamma, lam=lam)
+    torch.testing.assert_close(adv_bool, adv)
+
+
+def test_gae_bad_inputs():
+    with pytest.raises(ValueError, match="values"):
+        gae(REWARDS, VALUES[:, :2], FULL)
+    with pytest.raises(ValueError, match="response_mask"):
+        gae(REWARDS, VALUES, torch.ones(1, 4))
+    with pytest.raises(ValueError, match="rewards"):
+        gae(REWARDS[0], VALUES[0], FULL[0])
+    with pytest.raises(ValueError, match="gamma"):
+        gae(REWARDS, VALUES, FULL, gamma=1.5)
+    with pytest.raises(ValueError, match="lam"):
+        gae(REWARDS, VALUES, FULL, lam=-0.1)
+    with pytest.raises(ValueError, match="response_mask.*contiguous"):
+        gae(REWARDS, VALUES, torch.tensor([[1.0, 0.0, 1.0]]))
+
+
+# ----------------------------------------------------------------------------------- baselines
+
+# Two prompts, G = 3: group 0 = [1, 2, 3], group 1 = [7, 8, 12]
+SCORES = torch.tensor([1.0, 2.0, 3.0, 7.0, 8.0, 12.0])
+
+
+def test_baseline_none_and_batch_mean_by_hand():
+    torch.testing.assert_close(baseline_none(SCORES, 3), SCORES)
+    # batch mean = (1 + 2 + 3 + 7 + 8 + 12) / 6 = 33 / 6 = 5.5
+    expected = torch.tensor([-4.5, -3.5, -2.5, 1.5, 2.5, 6.5])
+    torch.testing.assert_close(baseline_batch_mean(SCORES, 3), expected)
+    torch.testing.assert_close(baseline_batch_mean(SCORES, 3), SCORES - SCORES.mean())
+
+
+def test_leave_one_out_by_hand_and_excludes_self():
+    # group 0: 1 - (2+3)/2 = -1.5; 2 - (1+3)/2 = 0;    3 - (1+2)/2 = 1.5
+    # group 1: 7 - (8+12)/2 = -3;  8 - (7+12)/2 = -1.5; 12 - (7+8)/2 = 4.5
+    adv = baseline_leave_one_out(SCORES, 3)
+    torch.testing.assert_close(adv, torch.tensor([-1.5, 0.0, 1.5, -3.0, -1.5, 4.5]))
+    group_size = 3
+    for i in range(len(SCORES)):
+        start = (i // group_size) * group_size
+        others = [SCORES[j] for j in range(start, start + group_size) if j != i]
+        assert adv[i].item() == pytest.approx((SCORES[i] - sum(others) / len(others)).item())
+
+
+def test_group_norm_by_hand():
+    # group 0: mean 2, population std sqrt((1 + 0 + 1) / 3) = 0.816497
+    #   -> [-1/0.816497, 0, 1/0.816497] = [-1.224745, 0, 1.224745]
+    # group 1: mean 9, deviations [-2, -1, 3], std sqrt((4 + 1 + 9) / 3) = 2.160247
+    #   -> [-0.925820, -0.462910, 1.388730]
+    adv = baseline_group_norm(SCORES, 3)
+    expected = torch.tensor([-1.224745, 0.0, 1.224745, -0.925820, -0.462910, 1.388730])
+    torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
+
+
+def test_group_norm_is_per_group():
+    # Group 1 is 100x larger in scale; each group still gets mean 0 and population std 1.
+    scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0, 300.0, 200.0, 400.0])
+    adv = baseline_group_norm(scores, 4).view(2, 4)
+    torch.testing.assert_close(adv.mean(dim=1), torch.zeros(2), atol=1e-6, rtol=0)
+    torch.testing.assert_close(adv.std(dim=1, unbiased=False), torch.ones(2), atol=1e-5, rtol=0)
+    # A batch-wide normalisation would not give this.
+    whole = (scores - scores.mean()) / scores.std(unbiased=False)
+    assert not torch.allclose(adv.reshape(-1), whole)
+
+
+def test_group_norm_constant_group_is_zero():
+    adv = baseline_group_norm(torch.tensor([5.0, 5.0, 1.0, 3.0]), 2)
+    assert torch.isfinite(adv).all()
+    # [5, 5] -> 0 / (0 + eps) = 0; [1, 3] -> mean 2, std 1 -> [-1, 1] (up to eps)
+    torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_reinforce_advantages_dispatches_and_every_baseline_differs():
+    outs = {name: reinforce_advantages(SCORES, 3, baseline=name) for name in BASELINES}
+    for name, fn in BASELINES.items():
+        torch.testing.assert_close(outs[name], fn(SCORES, 3))
+    torch.testing.assert_close(reinforce_advantages(SCORES, 3), outs["batch_mean"])
+    names = list(outs)
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not torch.allclose(outs[a], outs[b]), (a, b)
+
+
+def test_baseline_bad_inputs():
+    with pytest.raises(ValueError, match="baseline") as err:
+        reinforce_advantages(SCORES, 3, baseline="critic")
+    for name in BASELINES:
+        assert name in str(err.value)
+    for fn in BASELINES.values():
+        with pytest.raises(ValueError, match="group_size"):
+            fn(SCORES, 4)  # 6 % 4 != 0
+        with pytest.raises(ValueError, match="group_size"):
+            fn(SCORES, 0)
+        with pytest.raises(ValueError, match="scores"):
+            fn(SCORES.view(2, 3), 3)
+    with pytest.raises(ValueError, match="group_size"):
+        baseline_leave_one_out(SCORES, 1)
+    with pytest.raises(ValueError, match="eps"):
+        baseline_group_norm(SCORES, 3, eps=-1.0)
+
+
+# ------------------------------------------------------------------------------------ whitening
+
+
+def test_whiten_advantages_is_masked_whiten_with_shift():
+    gen = torch.Generator().manual_seed(1)
+    adv = torch.randn(3, 5, generator=gen) * 4 + 2
+    mask = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    out = whiten_advantages(adv, mask)
+    torch.testing.assert_close(out, masked_whiten(adv, mask, shift_mean=True))
+    assert masked_mean(out, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert masked_var(out, mask).item() == pytest.approx(1.0, abs=1e-4)
+    assert (out[mask == 0] == 0).all()
+    with pytest.raises(ValueError, match="response_mask"):
+        whiten_advantages(adv, mask[:, :4])
+
+
+def test_gae_keeps_low_precision_dtype():
+    adv, ret = gae(REWARDS.bfloat16(), VALUES.bfloat16(), FULL, gamma=0.9, lam=0.8)
+    assert adv.dtype == ret.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        adv.float(), torch.tensor([[0.21712, 0.246, 0.3]]), atol=1e-2, rtol=0
+    )

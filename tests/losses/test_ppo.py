@@ -1,0 +1,209 @@
+import math
+
+import pytest
+import torch
+
+from rlhf_lab.losses import (
+    AGGREGATIONS,
+    RATIO_LEVELS,
+    entropy_bonus,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+
+# Two sequences of two tokens. old_logprobs = 0, so ratio = exp(logprobs).
+RATIOS = torch.tensor([[1.5, 0.5], [1.1, 0.7]])
+LOGP = RATIOS.log()
+OLD = torch.zeros(2, 2)
+ADV = torch.tensor([[1.0, 1.0], [-1.0, -1.0]])
+FULL = torch.ones(2, 2)
+
+
+def test_policy_loss_by_hand():
+    # eps = 0.2, loss_t = max(-A r, -A clip(r, 0.8, 1.2))
+    # r=1.5, A=+1: max(-1.5, -1.2) = -1.2   clipped branch active
+    # r=0.5, A=+1: max(-0.5, -0.8) = -0.5
+    # r=1.1, A=-1: max( 1.1,  1.1) =  1.1
+    # r=0.7, A=-1: max( 0.7,  0.8) =  0.8   clipped branch active
+    # token_mean = (-1.2 - 0.5 + 1.1 + 0.8) / 4 = 0.2 / 4 = 0.05; clipfrac = 2/4
+    # ratio = (1.5 + 0.5 + 1.1 + 0.7) / 4 = 0.95
+    # approx_kl = mean((r - 1) - ln r)
+    #   = (0.5 - 0.405465 + -0.5 + 0.693147 + 0.1 - 0.095310 + -0.3 + 0.356675) / 4
+    #   = (0.094535 + 0.193147 + 0.004690 + 0.056675) / 4 = 0.349047 / 4 = 0.087262
+    loss, metrics = ppo_policy_loss(LOGP, OLD, ADV, FULL, clip_ratio=0.2)
+    assert loss.item() == pytest.approx(0.05, abs=1e-6)
+    assert metrics["policy_loss"].item() == pytest.approx(0.05, abs=1e-6)
+    assert metrics["clipfrac"].item() == pytest.approx(0.5)
+    assert metrics["ratio"].item() == pytest.approx(0.95, abs=1e-6)
+    assert metrics["approx_kl"].item() == pytest.approx(0.087262, abs=1e-6)
+    for value in metrics.values():
+        assert value.ndim == 0 and not value.requires_grad
+
+
+def test_clip_ratio_changes_the_loss():
+    # eps = 0.4, range [0.6, 1.4]: -1.4, -0.5, 1.1, 0.7 -> (-0.1) / 4 = -0.025; clipfrac 1/4
+    loss_04, m_04 = ppo_policy_loss(LOGP, OLD, ADV, FULL, clip_ratio=0.4)
+    assert loss_04.item() == pytest.approx(-0.025, abs=1e-6)
+    assert m_04["clipfrac"].item() == pytest.approx(0.25)
+    # no clipping: -A r = -1.5, -0.5, 1.1, 0.7 -> (-0.2) / 4 = -0.05; clipfrac 0
+    loss_none, m_none = ppo_policy_loss(LOGP, OLD, ADV, FULL, clip_ratio=None)
+    assert loss_none.item() == pytest.approx(-0.05, abs=1e-6)
+    assert m_none["clipfrac"].item() == 0.0
+    loss_02, _ = ppo_policy_loss(LOGP, OLD, ADV, FULL, clip_ratio=0.2)
+    assert len({round(x.item(), 6) for x in (loss_02, loss_04, loss_none)}) == 3
+
+
+def test_ratio_level_sequence_by_hand():
+    # Sequence ratio = exp(mean log-ratio) = geometric mean of the token ratios:
+    #   row 0: sqrt(1.5 * 0.5) = sqrt(0.75) = 0.866025 (inside [0.8, 1.2], A = +1 -> -0.866025)
+    #   row 1: sqrt(1.1 * 0.7) = sqrt(0.77) = 0.877496 (inside, A = -1 -> +0.877496)
+    # token_mean = (2 * -0.866025 + 2 * 0.877496) / 4 = 0.005736; clipfrac 0
+    # ratio metric = (0.866025 + 0.877496) / 2 = 0.871761; approx_kl stays per-token (0.087262)
+    loss, metrics = ppo_policy_loss(LOGP, OLD, ADV, FULL, ratio_level="sequence")
+    assert loss.item() == pytest.approx(0.005736, abs=1e-6)
+    assert metrics["clipfrac"].item() == 0.0
+    assert metrics["ratio"].item() == pytest.approx(0.871761, abs=1e-6)
+    assert metrics["approx_kl"].item() == pytest.approx(0.087262, abs=1e-6)
+    token_loss, _ = ppo_policy_loss(LOGP, OLD, ADV, FULL, ratio_level="token")
+    assert token_loss.item() != pytest.approx(loss.item(), abs=1e-4)
+
+
+def test_sequence_ratio_ignores_padding():
+    # Row 1's second token is padding with a wild log-prob: the sequence ratio of row 1 is
+    # exp(ln 1.1) = 1.1, so the loss equals the one of the unpadded (2, 1)-token batch.
+    logp = torch.tensor([[math.log(1.5), math.log(0.5)], [math.log(1.1), -math.inf]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    # row 0: -0.866025 on 2 tokens; row 1: ratio 1.1, A = -1 -> 1.1 on 1 token
+    # token_mean = (-1.732051 + 1.1) / 3 = -0.210684
+    loss, _ = ppo_policy_loss(logp, OLD, ADV, mask, ratio_level="sequence")
+    assert loss.item() == pytest.approx(-0.210684, abs=1e-6)
+
+
+def test_aggregation_changes_the_loss():
+    # Row 1 keeps only its first token. Per-token losses (eps 0.2): -1.2, -0.5 | 1.1
+    # token_mean = (-1.2 - 0.5 + 1.1) / 3 = -0.2
+    # seq_mean   = mean(( -1.2 - 0.5) / 2, 1.1 / 1) = (-0.85 + 1.1) / 2 = 0.125
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    token, _ = ppo_policy_loss(LOGP, OLD, ADV, mask, aggregation="token_mean")
+    seq, _ = ppo_policy_loss(LOGP, OLD, ADV, mask, aggregation="seq_mean")
+    assert token.item() == pytest.approx(-0.2, abs=1e-6)
+    assert seq.item() == pytest.approx(0.125, abs=1e-6)
+
+
+def test_seq_mean_skips_rows_without_tokens():
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 0.0]])
+    logp = torch.cat([LOGP, torch.zeros(1, 2)])
+    adv = torch.cat([ADV, torch.full((1, 2), 5.0)])
+    seq, _ = ppo_policy_loss(logp, torch.zeros(3, 2), adv, mask, aggregation="seq_mean")
+    assert seq.item() == pytest.approx(0.125, abs=1e-6)  # same as without the empty row
+
+
+def test_gradient_is_minus_advantage_over_token_count_at_ratio_one():
+    # clip None, logp == old_logp (ratio 1): d loss / d logp_t = -A_t / n_tokens on response
+    # tokens (n_tokens = 3 here), 0 on padding (which holds -inf log-probs).
+    old = torch.tensor([[-1.0, -2.0, -math.inf], [-0.5, -math.inf, -math.inf]])
+    logp = old.clone().requires_grad_(True)
+    adv = torch.tensor([[3.0, -6.0, 7.0], [1.5, 7.0, 7.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, clip_ratio=None)
+    loss.backward()
+    expected = torch.tensor([[-1.0, 2.0, 0.0], [-0.5, 0.0, 0.0]])  # -[3, -6, 1.5] / 3
+    torch.testing.assert_close(logp.grad, expected)
+    # Clipping does not bite at r = 1, so the clipped loss has the same gradient.
+    logp.grad = None
+    loss, _ = ppo_policy_loss(logp, old, adv, mask, clip_ratio=0.2)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_per_sequence_advantages_broadcast():
+    seq_adv = torch.tensor([1.0, -1.0])
+    a, _ = ppo_policy_loss(LOGP, OLD, seq_adv, FULL)
+    b, _ = ppo_policy_loss(LOGP, OLD, ADV, FULL)
+    assert a.item() == pytest.approx(b.item())
+
+
+def test_policy_loss_bad_inputs():
+    with pytest.raises(ValueError, match="old_logprobs"):
+        ppo_policy_loss(LOGP, OLD[:, :1], ADV, FULL)
+    with pytest.raises(ValueError, match="response_mask"):
+        ppo_policy_loss(LOGP, OLD, ADV, FULL[:1])
+    with pytest.raises(ValueError, match="advantages"):
+        ppo_policy_loss(LOGP, OLD, torch.zeros(3), FULL)
+    with pytest.raises(ValueError, match="logprobs"):
+        ppo_policy_loss(LOGP[0], OLD[0], ADV[0], FULL[0])
+    for bad in (0.0, -0.1):
+        with pytest.raises(ValueError, match="clip_ratio"):
+            ppo_policy_loss(LOGP, OLD, ADV, FULL, clip_ratio=bad)
+    with pytest.raises(ValueError, match="ratio_level") as err:
+        ppo_policy_loss(LOGP, OLD, ADV, FULL, ratio_level="segment")
+    assert all(name in str(err.value) for name in RATIO_LEVELS)
+    with pytest.raises(ValueError, match="aggregation") as err:
+        ppo_policy_loss(LOGP, OLD, ADV, FULL, aggregation="sum")
+    assert all(name in str(err.value) for name in AGGREGATIONS)
+
+
+# --------------------------------------------------------------------------------- value loss
+
+V = torch.tensor([[1.0, 1.0, 0.1]])
+OLD_V = torch.tensor([[0.5, 0.5, 0.0]])
+RET = torch.tensor([[2.0, 0.0, 1.0]])
+MASK3 = torch.ones(1, 3)
+
+
+def test_value_loss_by_hand():
+    # c = 0.2
+    # t0: V - old = 0.5 -> clipped 0.2, V_clip = 0.7; (1 - 2)^2 = 1, (0.7 - 2)^2 = 1.69 -> 1.69 *
+    # t1: V_clip = 0.7; (1 - 0)^2 = 1, (0.7 - 0)^2 = 0.49 -> 1
+    # t2: V - old = 0.1, inside; both (0.1 - 1)^2 = 0.81 -> 0.81
+    # loss = 0.5 * (1.69 + 1 + 0.81) / 3 = 0.5 * 3.5 / 3 = 0.583333; clipfrac = 1/3
+    loss, metrics = ppo_value_loss(V, OLD_V, RET, MASK3, clip_value=0.2)
+    assert loss.item() == pytest.approx(0.583333, abs=1e-6)
+    assert metrics["value_loss"].item() == pytest.approx(0.583333, abs=1e-6)
+    assert metrics["value_clipfrac"].item() == pytest.approx(1 / 3)
+
+
+def test_clip_value_changes_the_loss():
+    # c = 0.4: t0 V_clip = 0.9, (0.9 - 2)^2 = 1.21 -> 0.5 * (1.21 + 1 + 0.81) / 3 = 0.503333
+    loss_04, _ = ppo_value_loss(V, OLD_V, RET, MASK3, clip_value=0.4)
+    assert loss_04.item() == pytest.approx(0.503333, abs=1e-6)
+    # None: 0.5 * (1 + 1 + 0.81) / 3 = 0.468333, clipfrac 0
+    loss_none, m_none = ppo_value_loss(V, OLD_V, RET, MASK3, clip_value=None)
+    assert loss_none.item() == pytest.approx(0.468333, abs=1e-6)
+    assert m_none["value_clipfrac"].item() == 0.0
+
+
+def test_value_loss_mask_and_gradient():
+    values = V.clone().requires_grad_(True)
+    mask = torch.tensor([[0.0, 1.0, 1.0]])
+    loss, metrics = ppo_value_loss(values, OLD_V, RET, mask, clip_value=None)
+    # 0.5 * (1 + 0.81) / 2 = 0.4525; d/dV = (V - R) / 2 = [0, 0.5, -0.45]
+    assert loss.item() == pytest.approx(0.4525, abs=1e-6)
+    loss.backward()
+    torch.testing.assert_close(values.grad, torch.tensor([[0.0, 0.5, -0.45]]))
+    for value in metrics.values():
+        assert value.ndim == 0 and not value.requires_grad
+
+
+def test_value_loss_bad_inputs():
+    with pytest.raises(ValueError, match="returns"):
+        ppo_value_loss(V, OLD_V, RET[:, :2], MASK3)
+    with pytest.raises(ValueError, match="old_values"):
+        ppo_value_loss(V, OLD_V[:, :2], RET, MASK3)
+    with pytest.raises(ValueError, match="clip_value"):
+        ppo_value_loss(V, OLD_V, RET, MASK3, clip_value=0.0)
+
+
+# ------------------------------------------------------------------------------------ entropy
+
+
+def test_entropy_bonus_by_hand():
+    # counted entropies 1, 2 (row 0) and 3 (row 1): mean = 6 / 3 = 2
+    entropy = torch.tensor([[1.0, 2.0, 9.0], [3.0, 9.0, 9.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    value, metrics = entropy_bonus(entropy, mask)
+    assert value.item() == pytest.approx(2.0)
+    assert metrics["entropy"].item() == pytest.approx(2.0)
+    assert value.requires_grad and not metrics["entropy"].requires_grad
+    with pytest.raises(ValueError, match="response_mask"):
+        entropy_bonus(entropy, mask[:, :2])

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from rlhf_lab.rollout import Rollout, RolloutBuffer
+
+
+def _rollout(b=6, t=5, offset=0):
+    ids = torch.arange(b * t).view(b, t) + offset
+    mask = torch.zeros(b, t, dtype=torch.long)
+    mask[:, 2:] = 1
+    return Rollout(
+        input_ids=ids,
+        attention_mask=torch.ones(b, t, dtype=torch.long),
+        response_mask=mask,
+        logprobs=torch.zeros(b, t),
+        prompt_length=2,
+        rewards=torch.zeros(b, t),
+        values=torch.zeros(b, t),
+        scores=torch.arange(b, dtype=torch.float),
+        group_ids=torch.arange(b) // 2,
+        prompts=[f"p{i}" for i in range(b)],
+        completions=[f"c{i}" for i in range(b)],
+    )
+
+
+def test_buffer_yields_every_sample_once_per_epoch():
+    buffer = RolloutBuffer(pad_token_id=0)
+    buffer.add(_rollout(b=7))
+    seen_per_epoch = []
+    gen = torch.Generator().manual_seed(0)
+    batches = list(buffer.minibatches(num_minibatches=3, epochs=4, generator=gen))
+    assert len(batches) == 12
+    for e in range(4):
+        rows = sorted(int(x) for mb in batches[3 * e:3 * e + 3] for x in mb.scores)
+        seen_per_epoch.append(rows)
+        assert rows == list(range(7))  # each sample exactly once
+        assert sorted(len(mb) for mb in batches[3 * e:3 * e + 3]) == [2, 2, 3]
+    # Each epoch is a fresh shuffle.
+    orders = [[int(x) for mb in batches[3 * e:3 * e + 3] for x in mb.scores] for e in range(4)]
+    assert len({tuple(o) for o in orders}) > 1
+
+
+def test_minibatch_rows_stay_aligned_across_fields():
+    buffer = RolloutBuffer(pad_token_id=0)
+    buffer.add(_rollout(b=6))
+    for mb in buffer.minibatches(2, epochs=1, generator=torch.Generator().manual_seed(1)):
+        for i in range(len(mb)):
+            k = int(mb.scores[i])
+            assert mb.prompts[i] == f"p{k}" and mb.completions[i] == f"c{k}"
+            assert mb.input_ids[i, 0].item() == k * 5
+
+
+def test_concat_right_pads_shorter_rollouts():
+    buffer = RolloutBuffer(pad_token_id=99)
+    buffer.add(_rollout(b=2, t=5))
+    buffer.add(_rollout(b=3, t=7, offset=1000))
+    data = buffer.data
+    assert data.input_ids.shape == (5, 7)
+    assert (data.input_ids[:2, 5:] == 99).all()
+    assert (data.response_mask[:2, 5:] == 0).all()
+    assert len(buffer) == 5 and data.prompts == ["p0", "p1", "p0", "p1", "p2"]
+
+
+def test_advantage_estimators_fill_advantages_and_returns():
+    buffer = RolloutBuffer(pad_token_id=0)
+    r = _rollout(b=4)
+    r.rewards[:, -1] = torch.tensor([1.0, 0.0, 3.0, 1.0])  # score on the last token
+    buffer.add(r)
+    data = buffer.compute_advantages("batch_mean", whiten=False)
+    # Sequence return R = [1, 0, 3, 1], mean 1.25 → advantages R − 1.25 on every response token.
+    expected = torch.tensor([-0.25, -1.25, 1.75, -0.25])
+    torch.testing.assert_close(data.advantages[:, 2], expected)
+    assert (data.advantages[:, :2] == 0).all()
+    data = buffer.compute_advantages("gae", gamma=1.0, lam=1.0, whiten=False)
+    # Zero values, γ = λ = 1: every response token's advantage is the sequence return.
+    torch.testing.assert_close(data.advantages[:, 2], torch.tensor([1.0, 0.0, 3.0, 1.0]))
+    with pytest.raises(ValueError, match="unknown advantage estimator"):
+        buffer.compute_advantages("bogus")
+
+
+def test_buffer_save_load_round_trip(tmp_path):
+    buffer = RolloutBuffer(pad_token_id=0)
+    buffer.add(_rollout(b=4))
+    buffer.save(str(tmp_path / "buf.pt"))
+    loaded = RolloutBuffer.load(str(tmp_path / "buf.pt"), pad_token_id=0)
+    assert torch.equal(loaded.data.input_ids, buffer.data.input_ids)
+    assert loaded.data.prompts == buffer.data.prompts
+
+
+def test_rollout_rejects_misshaped_fields():
+    with pytest.raises(ValueError, match="Rollout.logprobs"):
+        Rollout(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3),
+                response_mask=torch.ones(2, 3), logprobs=torch.zeros(2, 4), prompt_length=1)
