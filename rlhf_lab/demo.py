@@ -41,16 +41,18 @@ class DemoConfig:
 
     seed: int = 0
     backbone: str = "gpt2-tiny"
-    pretrain_steps: int = 300
+    pretrain_steps: int = 1000
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(lr=3e-3, batch_size=32, block_size=64))
-    sft_steps: int = 60
+    sft_steps: int = 150
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-3, batch_size=32))
-    pair_samples: int = 8  # SFT samples per prompt ranked by the gold judge into preference pairs
-    pair_temperature: float = 1.0
-    reward_steps: int = 200
-    reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=1e-3, batch_size=32))
-    ppo_iterations: int = 60
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(lr=3e-4, prompts_per_step=32, max_new_tokens=6))
+    pair_samples: int = 32  # SFT samples per prompt ranked by the gold judge into preference pairs
+    pair_temperature: float = 1.5  # hot sampling gives the reward model varied wrong answers
+    reward_steps: int = 1000
+    reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=3e-4, batch_size=64))
+    ppo_iterations: int = 40
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
+        lr=3e-4, prompts_per_step=64, samples_per_prompt=4, minibatches=4, max_new_tokens=6,
+        kl_coef=0.1, vf_coef=0.5, missing_eos_penalty=1.0))
     eval_every: int = 10  # PPO iterations between greedy evaluations on the eval prompts
     max_new_tokens: int = 6  # generation length for evaluation and preference sampling
 
@@ -78,11 +80,12 @@ def make_trainer(out: str, stage: str, max_steps: int, logger: str, run_name: st
 
 
 def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: int, temperature: float,
-                           max_new_tokens: int, seed: int) -> list[dict]:
-    """Sample `samples` completions per prompt and pair each gold-better one with a worse one.
+                           max_new_tokens: int, seed: int, max_pairs_per_prompt: int = 16) -> list[dict]:
+    """Sample `samples` completions per prompt and pair gold-better ones with worse ones.
 
-    For every prompt whose samples disagree, each distinct top-scored completion is paired with a
-    distinct lower-scored one (round-robin), so the reward model sees real policy outputs.
+    For every prompt whose samples disagree, each distinct completion is paired with each distinct
+    completion the judge scores lower (at most `max_pairs_per_prompt` pairs, drawn at random), so
+    the reward model learns from real policy outputs ranked by the judge.
     """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
@@ -91,17 +94,12 @@ def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: i
     scores = judge(rollout.prompts, rollout.completions)
     pairs = []
     for k, prompt in enumerate(prompts):
-        group = list(zip(rollout.completions[k * samples:(k + 1) * samples],
-                         scores[k * samples:(k + 1) * samples], strict=True))
-        best = max(s for _, s in group)
-        good = sorted({c for c, s in group if s == best})
-        bad = sorted({c for c, s in group if s < best})
-        if not bad:
-            continue
-        rng.shuffle(good)
-        rng.shuffle(bad)
-        for i in range(max(len(good), len(bad))):
-            pairs.append({"prompt": prompt, "chosen": good[i % len(good)], "rejected": bad[i % len(bad)]})
+        rows = range(k * samples, (k + 1) * samples)
+        scored = sorted({(rollout.completions[i], scores[i]) for i in rows})
+        combos = [(a, b) for a, sa in scored for b, sb in scored if sa > sb]
+        if len(combos) > max_pairs_per_prompt:
+            combos = rng.sample(combos, max_pairs_per_prompt)
+        pairs.extend({"prompt": prompt, "chosen": a, "rejected": b} for a, b in combos)
     return pairs
 
 
@@ -220,10 +218,11 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
                                  ("val accuracy", f"{val['val/accuracy']:.1%}")]))
 
-    # 4. PPO against the learned reward model; the gold judge only watches.
-    policy = Policy.load(os.path.join(out, "sft"), scalar_head=True, reference="copy")
-    reference = policy.generate(rm_prompts, max_new_tokens=c.max_new_tokens, temperature=c.ppo.temperature)
-    reward_fn = RewardModelSource(reward_policy).normalize(reference.prompts, reference.completions)
+    # 4. PPO against the learned reward model; the gold judge only watches. The reward model is
+    # normalised on SFT samples, and PPO's critic starts as a copy of it (Ouyang et al. 2022).
+    samples = policy.generate(rm_prompts, max_new_tokens=c.max_new_tokens, temperature=c.ppo.temperature)
+    reward_fn = RewardModelSource(reward_policy).normalize(samples.prompts, samples.completions)
+    policy = Policy.load(os.path.join(out, "sft"), reference="copy", critic=reward_fn.as_critic())
     stage = PPO(policy, task.rl_prompts(seed=c.seed), reward_fn, c.ppo,
                 gold_fn=CallableSource(judge), val_prompts=eval_prompts)
     # Manual optimisation counts every minibatch update as a Trainer step.

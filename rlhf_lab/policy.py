@@ -26,6 +26,7 @@ from rlhf_lab.rollout import Rollout
 
 HEAD_FILE = "scalar_head.safetensors"
 POLICY_FILE = "rlhf_lab_policy.json"
+CRITIC_DIR = "critic"
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -53,6 +54,9 @@ class Policy(nn.Module):
             (PPO's critic) or at the last real token by `scores` (a reward model).
         reference: "copy" keeps a frozen copy of the initial weights for `ref_logprobs`;
             None keeps no reference.
+        critic: a separate value model (a `Policy` with a scalar head, e.g. loaded from a reward
+            model as in Ouyang et al. 2022) used by `values` instead of a head on this model.
+            It must share the tokenizer. Its gradients then never reach the policy's weights.
     """
 
     def __init__(
@@ -61,10 +65,15 @@ class Policy(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         scalar_head: bool = False,
         reference: str | None = None,
+        critic: Policy | None = None,
     ):
         super().__init__()
         if reference not in (None, "copy"):
             raise ValueError(f"reference must be None or 'copy', got {reference!r}")
+        if critic is not None:
+            critic._require_head("values")
+            if critic.tokenizer.get_vocab() != tokenizer.get_vocab():
+                raise ValueError("critic must use the same tokenizer (vocabulary) as the policy")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model
@@ -78,14 +87,17 @@ class Policy(nn.Module):
         self.reference: PreTrainedModel | None = None
         if reference == "copy":
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+        self.critic = critic
 
     # ------------------------------------------------------------------ construction / io
     @classmethod
-    def load(cls, path: str, scalar_head: bool | None = None, reference: str | None = None) -> Policy:
+    def load(cls, path: str, scalar_head: bool | None = None, reference: str | None = None,
+             critic: Policy | None = None) -> Policy:
         """Load a folder written by `save` (or any HF causal-LM folder with a tokenizer).
 
         `scalar_head=None` restores a head exactly when the folder has one; True adds a fresh
-        head when it has none (e.g. a reward model started from an SFT policy).
+        head when it has none (e.g. a reward model started from an SFT policy). A saved separate
+        critic (`critic/` inside the folder) is restored unless `critic` is given.
         """
         if not os.path.isdir(path):
             raise OSError(f"policy folder '{path}' does not exist")
@@ -93,8 +105,11 @@ class Policy(nn.Module):
         tokenizer = load_tokenizer(path)
         head_path = os.path.join(path, HEAD_FILE)
         has_head = os.path.exists(head_path)
+        critic_path = os.path.join(path, CRITIC_DIR)
+        if critic is None and os.path.isdir(critic_path):
+            critic = cls.load(critic_path)
         policy = cls(model, tokenizer, scalar_head=has_head if scalar_head is None else scalar_head,
-                     reference=reference)
+                     reference=reference, critic=critic)
         if has_head and policy.scalar_head is not None:
             policy.scalar_head.load_state_dict(load_file(head_path))
         return policy
@@ -107,7 +122,9 @@ class Policy(nn.Module):
         if self.scalar_head is not None:
             state = {k: v.detach().cpu().contiguous() for k, v in self.scalar_head.state_dict().items()}
             save_file(state, os.path.join(path, HEAD_FILE))
-        meta = {"scalar_head": self.scalar_head is not None, **(extra or {})}
+        if self.critic is not None:
+            self.critic.save(os.path.join(path, CRITIC_DIR), extra={"role": "critic"})
+        meta = {"scalar_head": self.scalar_head is not None, "critic": self.critic is not None, **(extra or {})}
         with open(os.path.join(path, POLICY_FILE), "w") as f:
             json.dump(meta, f, indent=2, default=str)
 
@@ -172,7 +189,10 @@ class Policy(nn.Module):
 
     def logprobs_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             temperature: float = 1.0):
-        """`(logprobs, entropy, values)` from one forward pass (what a PPO update needs)."""
+        """`(logprobs, entropy, values)`: what a PPO update needs (one pass without a separate critic)."""
+        if self.critic is not None:
+            logp, entropy = self.logprobs(input_ids, attention_mask, temperature, return_entropy=True)
+            return logp, entropy, self.critic.values(input_ids, attention_mask)
         self._require_head("logprobs_and_values")
         out = self._forward(self.model, input_ids, attention_mask, hidden=True)
         logp, entropy = self._token_logprobs(out.logits, input_ids, temperature, True)
@@ -187,7 +207,14 @@ class Policy(nn.Module):
         out = self._forward(self.reference, input_ids, attention_mask)
         return self._token_logprobs(out.logits, input_ids, temperature, False)[0]
 
+    @property
+    def has_values(self) -> bool:
+        """Whether `values` works: a separate critic or a scalar head on this model."""
+        return self.critic is not None or self.scalar_head is not None
+
     def _require_head(self, what: str) -> None:
+        if what == "values" and self.critic is not None:
+            return
         if self.scalar_head is None:
             raise ValueError(f"Policy.{what} needs a scalar head (construct with scalar_head=True)")
 
@@ -196,7 +223,9 @@ class Policy(nn.Module):
         return nn.functional.pad(v.float(), (1, 0))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token values from the scalar head: `values[:, t] = V(x_<t)`. Shape: (B, T)."""
+        """Per-token values `values[:, t] = V(x_<t)`, from the critic or the head. Shape: (B, T)."""
+        if self.critic is not None:
+            return self.critic.values(input_ids, attention_mask)
         self._require_head("values")
         out = self._forward(self.model, input_ids, attention_mask, hidden=True)
         return self._values_from_hidden(out.hidden_states[-1])

@@ -1,5 +1,8 @@
+import pytest
 import torch
 
+from rlhf_lab.models.backbones import build_tiny_model
+from rlhf_lab.models.tokenizer import train_bpe_tokenizer
 from rlhf_lab.policy import Policy, position_ids_from_mask
 
 
@@ -127,3 +130,25 @@ def test_save_load_round_trip_gives_identical_outputs(make_policy, task, tmp_pat
     torch.testing.assert_close(loaded.logprobs(*args), policy.logprobs(*args), atol=1e-6, rtol=0)
     torch.testing.assert_close(loaded.values(*args), policy.values(*args), atol=1e-6, rtol=0)
     assert Policy.load(str(tmp_path / "p"), scalar_head=False).scalar_head is None
+
+
+def test_separate_critic_provides_values_and_round_trips(make_policy, task, tmp_path):
+    critic = make_policy(seed=1, scalar_head=True)
+    policy = make_policy(reference="copy", critic=critic)
+    assert policy.scalar_head is None and policy.has_values
+    rollout = policy.generate(task.eval_prompts()[:3], max_new_tokens=3, greedy=True)
+    args = (rollout.input_ids, rollout.attention_mask)
+    torch.testing.assert_close(policy.values(*args), critic.values(*args))
+    critic_ids = {id(p) for p in critic.parameters()}
+    assert critic_ids <= {id(p) for p in policy.trainable_parameters()}
+    policy.save(str(tmp_path / "p"))
+    loaded = Policy.load(str(tmp_path / "p"))
+    assert loaded.critic is not None
+    torch.testing.assert_close(loaded.values(*args), policy.values(*args), atol=1e-6, rtol=0)
+
+
+def test_critic_must_share_the_tokenizer(make_policy):
+    other = train_bpe_tokenizer(["completely different text"] * 10, vocab_size=300)
+    critic = Policy(build_tiny_model("gpt2-tiny", other, n_layer=1, n_embd=32, n_head=2), other, scalar_head=True)
+    with pytest.raises(ValueError, match="same tokenizer"):
+        make_policy(critic=critic)

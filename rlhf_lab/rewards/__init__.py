@@ -7,6 +7,7 @@ wraps a Python function returning floats, such as a task's gold judge.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 
 import torch
@@ -51,6 +52,18 @@ class RewardModelSource:
         raw = self(prompts, completions)
         self.shift, self.scale = float(raw.mean()), float(raw.std().clamp(min=1e-6))
         return self
+
+    def as_critic(self) -> Policy:
+        """A trainable copy of the reward model whose head reports normalised scores.
+
+        Used to initialise PPO's critic from the reward model (Ouyang et al. 2022): its value
+        at the last token starts at the normalised reward the policy is trained on.
+        """
+        critic = copy.deepcopy(self.model).train().requires_grad_(True)
+        with torch.no_grad():
+            critic.scalar_head.weight.div_(self.scale)
+            critic.scalar_head.bias.sub_(self.shift).div_(self.scale)
+        return critic
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 import time
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 
 def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
@@ -48,3 +49,17 @@ class Budget:
             "budget/optimizer_steps": float(self.optimizer_steps),
             "budget/seconds": time.perf_counter() - self.start,
         }
+
+
+class SavePolicy(Callback):
+    """Write the stage's policy as an HF folder (plus the stage's hyperparameters) when fit ends.
+
+    This is how stages hand off: the next stage loads the folder with `Policy.load`.
+    """
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            pl_module.policy.save(self.dirpath, extra={"stage_config": dict(pl_module.hparams)})

@@ -109,7 +109,8 @@ class PPO(L.LightningModule):
     """PPO with a value-head critic on the policy and a frozen reference copy.
 
     Args:
-        policy: a `Policy` with `scalar_head=True` (the critic) and `reference="copy"`.
+        policy: a `Policy` with a critic (`scalar_head=True`, or a separate `critic`) and
+            `reference="copy"`.
         prompts: the RL prompt set; one epoch of the train loader is one pass over it.
         reward_fn: the proxy reward source, `(prompts, completions) -> Tensor (B,)`.
         gold_fn: optional gold judge logged beside the proxy (`train/gold_reward`).
@@ -128,7 +129,8 @@ class PPO(L.LightningModule):
         val_prompts: list[str] | None = None,
     ):
         super().__init__()
-        policy._require_head("values")
+        if not policy.has_values:
+            raise ValueError("PPO needs a critic: build the Policy with scalar_head=True or a critic")
         if policy.reference is None:
             raise ValueError("PPO needs a reference policy: build the Policy with reference='copy'")
         self.policy = policy.disable_dropout()
