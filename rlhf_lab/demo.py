@@ -43,16 +43,16 @@ class DemoConfig:
     backbone: str = "gpt2-tiny"
     pretrain_steps: int = 1000
     pretrain: PretrainConfig = field(default_factory=lambda: PretrainConfig(lr=3e-3, batch_size=32, block_size=64))
-    sft_steps: int = 150
+    sft_steps: int = 60
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(lr=1e-3, batch_size=32))
     pair_samples: int = 32  # SFT samples per prompt ranked by the gold judge into preference pairs
     pair_temperature: float = 1.5  # hot sampling gives the reward model varied wrong answers
-    reward_steps: int = 1000
-    reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=3e-4, batch_size=64))
-    ppo_iterations: int = 40
+    reward_steps: int = 1500
+    reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=3e-4, batch_size=32))
+    ppo_iterations: int = 60
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        lr=3e-4, prompts_per_step=64, samples_per_prompt=4, minibatches=4, max_new_tokens=6,
-        kl_coef=0.1, vf_coef=0.5, missing_eos_penalty=1.0))
+        lr=2e-4, critic_lr=1e-3, prompts_per_step=64, samples_per_prompt=4, ppo_epochs=2, minibatches=4,
+        max_new_tokens=6, kl_coef=0.05, vf_coef=0.1, missing_eos_penalty=1.0))
     eval_every: int = 10  # PPO iterations between greedy evaluations on the eval prompts
     max_new_tokens: int = 6  # generation length for evaluation and preference sampling
 

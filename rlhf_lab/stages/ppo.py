@@ -43,7 +43,8 @@ RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 class PPOConfig:
     """Hyperparameters of one PPO run. Field names are the knobs of DESIGN.md."""
 
-    lr: float = 1e-4  # AdamW learning rate (actor and critic)
+    lr: float = 1e-4  # AdamW learning rate of the policy (and of a value head on it)
+    critic_lr: float | None = None  # learning rate of a separate critic model; None = lr
     prompts_per_step: int = 16  # prompts sampled per iteration
     samples_per_prompt: int = 1  # responses per prompt (G)
     max_new_tokens: int = 8  # response length limit
@@ -70,6 +71,8 @@ class PPOConfig:
 
     def __post_init__(self):
         check_positive("lr", self.lr)
+        if self.critic_lr is not None:
+            check_positive("critic_lr", self.critic_lr)
         check_positive("prompts_per_step", self.prompts_per_step)
         check_positive("samples_per_prompt", self.samples_per_prompt)
         check_positive("max_new_tokens", self.max_new_tokens)
@@ -198,7 +201,7 @@ class PPO(L.LightningModule):
             loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * ent
             optimizer.zero_grad()
             self.manual_backward(loss)
-            self.clip_gradients(optimizer, gradient_clip_val=c.max_grad_norm, gradient_clip_algorithm="norm")
+            self._clip_per_group(optimizer)
             optimizer.step()
             n_updates += 1
             for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
@@ -250,9 +253,26 @@ class PPO(L.LightningModule):
             self.history[-1].update({k: float(m[k]) for k in ("val/reward", "val/gold_reward", "val/kl") if k in m})
 
     # ------------------------------------------------------------------ wiring
+    def _clip_per_group(self, optimizer) -> None:
+        """Clip each parameter group's gradient norm on its own.
+
+        With a separate critic the groups are (actor, critic), so the critic's larger gradients
+        never shrink the policy's step; one optimiser keeps one Trainer step per update.
+        """
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # fp16 loss scaling: clip the true gradients
+            scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
+        for group in optimizer.param_groups:
+            torch.nn.utils.clip_grad_norm_(group["params"], self.config.max_grad_norm)
+
     def configure_optimizers(self):
-        return torch.optim.AdamW(self.policy.trainable_parameters(), lr=self.config.lr,
-                                 weight_decay=self.config.weight_decay)
+        c, policy = self.config, self.policy
+        params = policy.trainable_parameters()
+        if policy.critic is not None:
+            critic = {id(p) for p in policy.critic.parameters()}
+            params = [{"params": [p for p in params if id(p) not in critic]},
+                      {"params": [p for p in params if id(p) in critic], "lr": c.critic_lr or c.lr}]
+        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.prompts, batch_size=self.config.prompts_per_step, shuffle=True,

@@ -6,6 +6,7 @@ import os
 
 import lightning as L
 import pytest
+import torch
 from lightning.pytorch.loggers import CSVLogger
 
 from rlhf_lab.policy import Policy
@@ -154,3 +155,17 @@ def test_ppo_requires_critic_and_reference(make_policy, task):
         PPO(make_policy(reference="copy"), task.rl_prompts(), reward)
     with pytest.raises(ValueError, match="reference"):
         PPO(make_policy(scalar_head=True), task.rl_prompts(), reward)
+
+
+def test_critic_lr_sets_the_critic_group_and_changes_its_update(make_policy, task, tmp_path):
+    after = []
+    for critic_lr in (None, 1e-2):
+        policy = make_policy(reference="copy", critic=make_policy(seed=1, scalar_head=True))
+        stage = _ppo(policy, task, lr=1e-3, critic_lr=critic_lr, ppo_epochs=1)
+        groups = stage.configure_optimizers().param_groups
+        assert [g["lr"] for g in groups] == [1e-3, critic_lr or 1e-3]
+        assert sum(len(g["params"]) for g in groups) == len(policy.trainable_parameters())
+        L.seed_everything(0)
+        _fit(stage, tmp_path, f"critic_lr_{critic_lr}", 2)
+        after.append(policy.critic.scalar_head.weight.detach().clone())
+    assert not torch.allclose(after[0], after[1])

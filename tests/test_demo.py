@@ -1,0 +1,64 @@
+"""The demo end to end: the run folder it leaves, and (slow) the gain PPO must show."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from rlhf_lab.cli import main
+
+STAGE_DIRS = ("pretrain", "sft", "reward_model", "ppo")
+
+
+def _check_run_folder(out):
+    for stage in STAGE_DIRS:
+        for name in ("config.json", "model.safetensors", "tokenizer.json", "rlhf_lab_policy.json", "metrics.csv"):
+            assert os.path.exists(os.path.join(out, stage, name)), f"{stage}/{name}"
+    assert os.path.exists(os.path.join(out, "reward_model", "scalar_head.safetensors"))
+    assert os.path.isdir(os.path.join(out, "ppo", "critic"))
+    with open(os.path.join(out, "rl_curve.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    with open(os.path.join(out, "ppo", "metrics.csv")) as f:
+        header = next(csv.reader(f))
+    assert {"train/reward", "train/gold_reward", "train/kl", "val/gold_reward"} <= set(header)
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert set(summary) >= {"pretrain", "sft", "reward_model", "rl", "seconds"}
+    assert "val_loss" in summary["pretrain"] and "gold_accuracy" in summary["sft"]
+    assert "val_accuracy" in summary["reward_model"]
+    assert summary["rl"]["algorithm"] == "ppo"
+    assert {"gold_accuracy", "reward", "kl"} <= set(summary["rl"])
+    return summary
+
+
+def test_quick_demo_writes_the_run_folder(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["demo", "--quick", "--no-progress", "--out", out]) == 0
+    summary = _check_run_folder(out)
+    assert 0.0 <= summary["sft"]["gold_accuracy"] <= 1.0
+    printed = capsys.readouterr().out
+    for title in ("== pretrain", "== sft", "== reward model", "== ppo", "== generations before and after RL"):
+        assert title in printed
+    assert f"wrote {out}/" in printed
+
+
+@pytest.mark.slow
+def test_full_demo_ppo_beats_sft_by_ten_points(tmp_path):
+    out = str(tmp_path / "run")
+    assert main(["demo", "--no-progress", "--out", out]) == 0
+    summary = _check_run_folder(out)
+    assert summary["rl"]["gold_accuracy"] >= summary["sft"]["gold_accuracy"] + 0.10, summary
+
+
+def test_cli_help_lists_demo(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "demo" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    text = capsys.readouterr().out
+    for flag in ("--out", "--seed", "--logger", "--quick"):
+        assert flag in text
+    assert main([]) == 2
