@@ -79,6 +79,14 @@ def make_trainer(out: str, stage: str, max_steps: int, logger: str, run_name: st
     return L.Trainer(**defaults)
 
 
+def finish_logger(trainer: L.Trainer) -> None:
+    """End a wandb run after its stage, so the next stage starts its own run in the group."""
+    if type(trainer.logger).__name__ == "WandbLogger":
+        import wandb
+
+        wandb.finish()
+
+
 def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: int, temperature: float,
                            max_new_tokens: int, seed: int, max_pairs_per_prompt: int = 16) -> list[dict]:
     """Sample `samples` completions per prompt and pair gold-better ones with worse ones.
@@ -120,7 +128,7 @@ def _samples_table(title: str, prompts: list[str], before: list[str], after: lis
     return "\n".join(lines)
 
 
-def _plot(history: list[dict], path: str, algorithm: str) -> None:
+def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,12 +138,12 @@ def _plot(history: list[dict], path: str, algorithm: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(it, [h["train/reward"] for h in history], label="proxy reward (reward model, sampled)", color="C0")
     ax.set_xlabel(f"{algorithm.upper()} iteration")
-    ax.set_ylabel("proxy reward (reward-model score)", color="C0")
+    ax.set_ylabel("proxy reward (normalised reward-model score)", color="C0")
     ax2 = ax.twinx()
     if history and "train/gold_reward" in history[0]:
         ax2.plot(it, [h["train/gold_reward"] for h in history], label="gold accuracy (sampled)",
                  color="C1", alpha=0.5)
-    ev = [(h["iteration"], h["val/gold_reward"]) for h in history if "val/gold_reward" in h]
+    ev = [(0, start_accuracy)] + [(h["iteration"], h["val/gold_reward"]) for h in history if "val/gold_reward" in h]
     if ev:
         ax2.plot(*zip(*ev, strict=True), "o-", label="gold accuracy (greedy, eval set)", color="C3")
     ax2.set_ylabel("gold accuracy (fraction correct)")
@@ -182,6 +190,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
                            check_val_every_n_epoch=None, **trainer_kw)
     trainer.fit(stage)
     val = trainer.validate(stage, verbose=False)[0]
+    finish_logger(trainer)
     policy.save(os.path.join(out, "pretrain"), extra={"stage": "pretrain", "config": asdict(c.pretrain)})
     summary["pretrain"] = {"val_loss": val["val/loss"], "val_perplexity": float(torch.exp(torch.tensor(val["val/loss"])))}
     echo(_table("pretrain", [("steps", str(c.pretrain_steps)), ("val loss", f"{val['val/loss']:.3f}"),
@@ -194,6 +203,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     trainer = make_trainer(out, "sft", c.sft_steps, **trainer_kw)
     trainer.fit(stage)
     val = trainer.validate(stage, verbose=False)[0]
+    finish_logger(trainer)
     policy.save(os.path.join(out, "sft"), extra={"stage": "sft", "config": asdict(c.sft)})
     sft_acc = gold_accuracy(policy, eval_prompts, judge, c.max_new_tokens)
     summary["sft"] = {"val_loss": val["val/loss"], "gold_accuracy": sft_acc}
@@ -213,6 +223,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     trainer = make_trainer(out, "reward_model", c.reward_steps, **trainer_kw)
     trainer.fit(stage)
     val = trainer.validate(stage, verbose=False)[0]
+    finish_logger(trainer)
     reward_policy.save(os.path.join(out, "reward_model"), extra={"stage": "reward_model", "config": asdict(c.reward)})
     summary["reward_model"] = {"pairs": len(pairs), "val_accuracy": val["val/accuracy"], "val_loss": val["val/loss"]}
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
@@ -230,6 +241,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     trainer = make_trainer(out, algorithm, updates, val_check_interval=c.eval_every,
                            check_val_every_n_epoch=None, **trainer_kw)
     trainer.fit(stage)
+    finish_logger(trainer)
     policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(c.ppo)})
     rl_acc = gold_accuracy(policy, eval_prompts, judge, c.max_new_tokens)
     last = stage.history[-1]
@@ -242,7 +254,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
                             ("greedy gold accuracy", f"{sft_acc:.1%} → {rl_acc:.1%}")]))
     echo(_samples_table("generations before and after RL", show, before, after, judge))
 
-    _plot(stage.history, os.path.join(out, "rl_curve.png"), algorithm)
+    _plot(stage.history, os.path.join(out, "rl_curve.png"), algorithm, sft_acc)
     summary["seconds"] = time.perf_counter() - start
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlhf_lab.losses._checks import (
+from rlhf_lab.checks import (
     check_choice,
     check_ndim,
     check_positive,

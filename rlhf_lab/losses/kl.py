@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import torch
 
-from rlhf_lab.losses._checks import check_choice, check_positive, check_same_shape
+from rlhf_lab.checks import check_choice, check_positive, check_same_shape
 
 __all__ = [
     "kl_k1",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_lab.losses._checks import check_ndim, check_same_shape
+from rlhf_lab.checks import check_ndim, check_same_shape
 from rlhf_lab.losses.masked import masked_mean
 
 __all__ = ["lm_loss"]

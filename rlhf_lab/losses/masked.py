@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_lab.losses._checks import check_same_shape
+from rlhf_lab.checks import check_same_shape
 
 __all__ = ["masked_sum", "masked_mean", "masked_var", "masked_whiten"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from rlhf_lab.losses._checks import check_ndim, check_positive, check_same_shape
+from rlhf_lab.checks import check_ndim, check_positive, check_same_shape
 
 __all__ = ["bradley_terry_loss"]
 

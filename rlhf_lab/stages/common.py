@@ -1,25 +1,15 @@
-"""Small helpers shared by the stages: config validation, the optimiser, budget counters."""
+"""Small helpers shared by the stages: the optimiser, budget counters, the hand-off callback."""
 
 from __future__ import annotations
 
-import math
 import time
 
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from rlhf_lab.checks import check_choice, check_positive, check_unit_interval
 
-def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
-    """Raise a ValueError naming the config field when `value` is not positive."""
-    bad = value < 0 if allow_zero else value <= 0
-    if bad or (isinstance(value, float) and math.isnan(value)):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-
-
-def check_choice(name: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+__all__ = ["Budget", "SavePolicy", "adamw", "check_choice", "check_positive", "check_unit_interval"]
 
 
 def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):

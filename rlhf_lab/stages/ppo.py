@@ -34,7 +34,7 @@ from rlhf_lab.losses import (
 )
 from rlhf_lab.policy import Policy
 from rlhf_lab.rollout import Rollout, RolloutBuffer
-from rlhf_lab.stages.common import Budget, check_choice, check_positive
+from rlhf_lab.stages.common import Budget, check_choice, check_positive, check_unit_interval
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -95,10 +95,8 @@ class PPOConfig:
         check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
         check_positive("vf_coef", self.vf_coef, allow_zero=True)
         check_positive("entropy_coef", self.entropy_coef, allow_zero=True)
-        if not 0 <= self.gamma <= 1:
-            raise ValueError(f"gamma must be in [0, 1], got {self.gamma}")
-        if not 0 <= self.lam <= 1:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        check_unit_interval("gamma", self.gamma)
+        check_unit_interval("lam", self.lam)
         check_positive("kl_coef", self.kl_coef, allow_zero=True)
         if self.kl_target is not None:
             check_positive("kl_target", self.kl_target)

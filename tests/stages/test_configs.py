@@ -26,9 +26,9 @@ def test_samples_per_prompt_at_least_one():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("kl_estimator", "k4", "kl_estimator must be one of k1, k2, k3"),
-        ("ratio_level", "word", "ratio_level must be one of token, sequence"),
-        ("aggregation", "sum", "aggregation must be one of token_mean, seq_mean"),
+        ("kl_estimator", "k4", "kl_estimator must be one of 'k1', 'k2', 'k3'"),
+        ("ratio_level", "word", "ratio_level must be one of 'token', 'sequence'"),
+        ("aggregation", "sum", "aggregation must be one of 'token_mean', 'seq_mean'"),
         ("gamma", 1.5, "gamma must be in"),
         ("top_p", 0.0, "top_p must be in"),
         ("minibatches", 64, "minibatches .* must not exceed"),

@@ -1,4 +1,4 @@
-"""Argument checks shared by the loss functions.
+"""Argument checks shared by the losses and the stage configs.
 
 Every check raises ``ValueError`` whose message starts with the argument name, so a
 wrong call fails at the top of the function instead of broadcasting silently.
@@ -6,7 +6,7 @@ wrong call fails at the top of the function instead of broadcasting silently.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection
 from typing import Any
 
 import torch
@@ -36,7 +36,7 @@ def check_same_shape(ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -
             )
 
 
-def check_choice(name: str, value: str, choices: Mapping[str, Any]) -> None:
+def check_choice(name: str, value: str, choices: Collection[str]) -> None:
     if value not in choices:
         valid = ", ".join(repr(k) for k in choices)
         raise ValueError(f"{name} must be one of {valid}; got {value!r}")
