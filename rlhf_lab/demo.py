@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 import lightning as L
 import torch
 
-from rlhf_lab.eval import gold_accuracy, greedy_completions
+from rlhf_lab.eval import greedy_completions
 from rlhf_lab.models.backbones import build_tiny_model
 from rlhf_lab.models.tokenizer import train_bpe_tokenizer
 from rlhf_lab.policy import Policy
@@ -117,15 +117,25 @@ def _table(title: str, rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def _samples_table(title: str, prompts: list[str], before: list[str], after: list[str] | None, judge) -> str:
-    lines = [f"== {title}"]
-    for i, p in enumerate(prompts):
-        q = p.replace("\n", " ")
-        cells = [f"{q:<14}", f"sft: {before[i]!r:<10} {'✓' if judge([p], [before[i]])[0] else '✗'}"]
-        if after is not None:
-            cells.append(f"rl: {after[i]!r:<10} {'✓' if judge([p], [after[i]])[0] else '✗'}")
-        lines.append("  " + "   ".join(cells))
+def _samples_table(prompts: list[str], before: list[str], after: list[str], judge, n: int = 8) -> str:
+    """Greedy answers before and after RL: some it fixed, some it broke, some unchanged."""
+    ok_before, ok_after = judge(prompts, before), judge(prompts, after)
+    fixed = [i for i in range(len(prompts)) if ok_after[i] > ok_before[i]]
+    broke = [i for i in range(len(prompts)) if ok_after[i] < ok_before[i]]
+    same = [i for i in range(len(prompts)) if ok_after[i] == ok_before[i]]
+    rows = fixed[: n // 2] + broke[: n // 4]
+    rows += same[: n - len(rows)]
+    lines = [f"== generations before and after RL (greedy; RL fixed {len(fixed)} answers and broke "
+             f"{len(broke)} of {len(prompts)})"]
+    for i in rows:
+        q = prompts[i].replace("\n", " ")
+        lines.append(f"  {q:<14} sft: {before[i]!r:<8} {'✓' if ok_before[i] else '✗'}   "
+                     f"rl: {after[i]!r:<8} {'✓' if ok_after[i] else '✗'}")
     return "\n".join(lines)
+
+
+def _mean(xs: list[float]) -> float:
+    return float(sum(xs) / len(xs))
 
 
 def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float) -> None:
@@ -205,12 +215,11 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     val = trainer.validate(stage, verbose=False)[0]
     finish_logger(trainer)
     policy.save(os.path.join(out, "sft"), extra={"stage": "sft", "config": asdict(c.sft)})
-    sft_acc = gold_accuracy(policy, eval_prompts, judge, c.max_new_tokens)
+    before = greedy_completions(policy, eval_prompts, c.max_new_tokens)
+    sft_acc = _mean(judge(eval_prompts, before))
     summary["sft"] = {"val_loss": val["val/loss"], "gold_accuracy": sft_acc}
     echo(_table("sft", [("steps", str(c.sft_steps)), ("val loss", f"{val['val/loss']:.3f}"),
                         ("greedy gold accuracy", f"{sft_acc:.1%} of {len(eval_prompts)} problems")]))
-    show = eval_prompts[:: max(1, len(eval_prompts) // 6)][:6]
-    before = greedy_completions(policy, show, c.max_new_tokens)
 
     # 3. Reward model on SFT samples ranked by the gold judge.
     rm_prompts = task.rl_prompts(seed=c.seed)
@@ -243,16 +252,16 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     trainer.fit(stage)
     finish_logger(trainer)
     policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(c.ppo)})
-    rl_acc = gold_accuracy(policy, eval_prompts, judge, c.max_new_tokens)
+    after = greedy_completions(policy, eval_prompts, c.max_new_tokens)
+    rl_acc = _mean(judge(eval_prompts, after))
     last = stage.history[-1]
     summary["rl"] = {"algorithm": algorithm, "gold_accuracy": rl_acc, "reward": last["train/reward"],
                      "kl": last["train/kl"], "iterations": len(stage.history)}
-    after = greedy_completions(policy, show, c.max_new_tokens)
     echo(_table(algorithm, [("iterations", str(len(stage.history))),
                             ("proxy reward (last)", f"{last['train/reward']:.3f}"),
                             ("KL to reference (last)", f"{last['train/kl']:.3f} nats"),
                             ("greedy gold accuracy", f"{sft_acc:.1%} → {rl_acc:.1%}")]))
-    echo(_samples_table("generations before and after RL", show, before, after, judge))
+    echo(_samples_table(eval_prompts, before, after, judge))
 
     _plot(stage.history, os.path.join(out, "rl_curve.png"), algorithm, sft_acc)
     summary["seconds"] = time.perf_counter() - start
