@@ -1,4 +1,4 @@
-"""Pure tensor loss functions for RLHF: masked reductions, LM, reward, KL, advantages, PPO.
+"""Pure tensor loss functions for RLHF: masked reductions, LM, reward, KL, advantages, PPO, DPO.
 
 Nothing here touches models, Lightning or I/O; every loss returns ``(loss, metrics)`` with
 ``metrics`` a dict of detached scalar tensors (KL estimators and advantage functions return
@@ -14,6 +14,16 @@ from rlhf_lab.losses.advantages import (
     gae,
     reinforce_advantages,
     whiten_advantages,
+)
+from rlhf_lab.losses.dpo import (
+    DPO_LOSSES,
+    dpo_hinge,
+    dpo_ipo,
+    dpo_robust,
+    dpo_robust_unbiased,
+    dpo_sigmoid,
+    preference_loss,
+    simpo,
 )
 from rlhf_lab.losses.kl import (
     KL_ESTIMATORS,
@@ -68,4 +78,13 @@ __all__ = [
     "entropy_bonus",
     "RATIO_LEVELS",
     "AGGREGATIONS",
+    # dpo
+    "dpo_sigmoid",
+    "dpo_ipo",
+    "dpo_hinge",
+    "dpo_robust",
+    "dpo_robust_unbiased",
+    "simpo",
+    "DPO_LOSSES",
+    "preference_loss",
 ]
