@@ -44,6 +44,13 @@ from rlhf_lab.losses.ppo import (
     ppo_value_loss,
 )
 from rlhf_lab.losses.reward import bradley_terry_loss
+from rlhf_lab.losses.trpo import (
+    conjugate_gradient,
+    fisher_vector_product,
+    mean_kl,
+    surrogate_loss,
+    trpo_step,
+)
 
 __all__ = [
     # masked
@@ -87,4 +94,10 @@ __all__ = [
     "simpo",
     "DPO_LOSSES",
     "preference_loss",
+    # trpo
+    "surrogate_loss",
+    "mean_kl",
+    "conjugate_gradient",
+    "fisher_vector_product",
+    "trpo_step",
 ]

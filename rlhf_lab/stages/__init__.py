@@ -1,7 +1,7 @@
 """One LightningModule per stage: wiring, logging and optimisers (losses live in `losses/`)."""
 
 from rlhf_lab.stages.lm import SFT, Pretrain, PretrainConfig, SFTConfig
-from rlhf_lab.stages.ppo import PPO, PPOConfig
+from rlhf_lab.stages.online import PPO, PRESETS, OnlineRL, OnlineRLConfig, PPOConfig
 from rlhf_lab.stages.reward_model import RewardModel, RewardModelConfig
 
 STAGES = {
@@ -9,6 +9,7 @@ STAGES = {
     "sft": (SFT, SFTConfig),
     "reward_model": (RewardModel, RewardModelConfig),
     "ppo": (PPO, PPOConfig),
+    "online_rl": (OnlineRL, OnlineRLConfig),
 }
 
 
@@ -20,6 +21,6 @@ def get_stage(name: str):
 
 
 __all__ = [
-    "PPO", "PPOConfig", "Pretrain", "PretrainConfig", "RewardModel", "RewardModelConfig",
+    "OnlineRL", "OnlineRLConfig", "PPO", "PPOConfig", "PRESETS", "Pretrain", "PretrainConfig", "RewardModel", "RewardModelConfig",
     "SFT", "SFTConfig", "STAGES", "get_stage",
 ]

@@ -151,7 +151,7 @@ def test_ppo_separate_critic_keeps_value_gradients_off_the_policy(make_policy, t
 
 def test_ppo_requires_critic_and_reference(make_policy, task):
     reward = CallableSource(lambda p, c: [0.0] * len(c))
-    with pytest.raises(ValueError, match="PPO needs a critic"):
+    with pytest.raises(ValueError, match="needs a critic"):
         PPO(make_policy(reference="copy"), task.rl_prompts(), reward)
     with pytest.raises(ValueError, match="reference"):
         PPO(make_policy(scalar_head=True), task.rl_prompts(), reward)

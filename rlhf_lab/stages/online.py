@@ -1,14 +1,19 @@
-"""PPO for language models, with manual optimisation inside Lightning.
+"""The online RL loop shared by PPO, REINFORCE, RLOO and GRPO (manual optimisation in Lightning).
 
-One training step is one PPO iteration (Ouyang et al. 2022; Ziegler et al. 2019; Huang et al.
-2024 "The N+ implementation details of RLHF with PPO"):
+The algorithms differ only in a few orthogonal knobs of `OnlineRLConfig`, so a researcher can
+change one factor at a time; `PRESETS` names the usual combinations and nothing more. One
+training step is one iteration (Ouyang et al. 2022; Ziegler et al. 2019; Huang et al. 2024
+"The N+ implementation details of RLHF with PPO"; Ahmadian et al. 2024 "Back to Basics"):
 
 1. sample `samples_per_prompt` responses per prompt from the current policy (KV cache);
 2. score each (prompt, response) with the reward source (a reward model, usually);
-3. compute reference log-probs and the critic's values, without gradients;
-4. build per-token rewards: −β·KL_t on every response token, plus the score on the last one;
-5. GAE(γ, λ) advantages (optionally whitened) and returns, in the rollout buffer;
-6. `ppo_epochs` passes of shuffled minibatches, each a clipped-surrogate + clipped-value update.
+3. compute reference log-probs (and the critic's values when `baseline="critic"`), no gradients;
+4. per-token rewards: the score on the last response token, minus β·KL_t on every response
+   token when `kl_in="reward"` (with `kl_in="loss"` the KL is a loss term instead, as in GRPO);
+5. advantages in the rollout buffer: GAE(γ, λ) from the critic, or a REINFORCE baseline on the
+   sequence return (`none`, `batch_mean`, `leave_one_out` = RLOO, `group_norm` = GRPO);
+6. `ppo_epochs` passes of shuffled minibatches of the policy-gradient loss (clipped when
+   `clip_ratio` is set), plus the clipped value loss when there is a critic.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lab.losses import (
+    BASELINES,
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
@@ -39,10 +45,16 @@ from rlhf_lab.stages.common import Budget, check_choice, check_positive, check_u
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
 
-@dataclass
-class PPOConfig:
-    """Hyperparameters of one PPO run. Field names are the knobs of DESIGN.md."""
+BASELINE_CHOICES = ("critic", *BASELINES)
 
+
+@dataclass
+class OnlineRLConfig:
+    """Hyperparameters of one online RL run; the defaults are PPO's. Field names are DESIGN.md's knobs."""
+
+    algorithm: str = "ppo"  # a label for logs and summaries; set by `preset`, changes nothing else
+    baseline: str = "critic"  # critic (GAE) | none | batch_mean | leave_one_out | group_norm
+    kl_in: str = "reward"  # where the KL to the reference goes: "reward" (per token) or "loss"
     lr: float = 1e-4  # AdamW learning rate of the policy (and of a value head on it)
     critic_lr: float | None = None  # learning rate of a separate critic model; None = lr
     prompts_per_step: int = 16  # prompts sampled per iteration
@@ -60,7 +72,7 @@ class PPOConfig:
     entropy_coef: float = 0.0  # weight of the entropy bonus
     gamma: float = 1.0  # discount
     lam: float = 0.95  # GAE λ
-    kl_coef: float = 0.05  # β, weight of the KL penalty in the reward
+    kl_coef: float = 0.05  # β, weight of the KL penalty (in the reward or the loss, see kl_in)
     kl_estimator: str = "k1"  # per-token KL estimator in the penalty: k1, k2 or k3
     kl_target: float | None = None  # adaptive KL controller target (per-sequence KL); None = fixed β
     kl_horizon: int = 10000  # adaptive controller horizon, in samples
@@ -70,6 +82,14 @@ class PPOConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
 
     def __post_init__(self):
+        check_choice("baseline", self.baseline, BASELINE_CHOICES)
+        check_choice("kl_in", self.kl_in, ("reward", "loss"))
+        if self.baseline == "leave_one_out" and self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2 for baseline 'leave_one_out' (RLOO)")
+        if self.baseline == "group_norm" and self.samples_per_prompt < 2:
+            raise ValueError("samples_per_prompt must be >= 2 for baseline 'group_norm' (GRPO)")
+        if self.kl_in == "loss" and self.kl_target is not None:
+            raise ValueError("kl_target (adaptive KL) applies to kl_in='reward' only")
         check_positive("lr", self.lr)
         if self.critic_lr is not None:
             check_positive("critic_lr", self.critic_lr)
@@ -106,36 +126,62 @@ class PPOConfig:
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
 
 
-class PPO(L.LightningModule):
-    """PPO with a value-head critic on the policy and a frozen reference copy.
+    @classmethod
+    def preset(cls, name: str, **overrides) -> OnlineRLConfig:
+        """The named defaults of `PRESETS`, with `overrides` on top."""
+        check_choice("preset", name, PRESETS)
+        return cls(**{"algorithm": name, **PRESETS[name], **overrides})
+
+
+# Named defaults of the knobs and nothing more (Schulman et al. 2017; Williams 1992;
+# Ahmadian et al. 2024; Shao et al. 2024).
+PRESETS: dict[str, dict] = {
+    "ppo": dict(baseline="critic", clip_ratio=0.2, ppo_epochs=4, minibatches=2, kl_in="reward"),
+    "reinforce": dict(baseline="batch_mean", clip_ratio=None, ppo_epochs=1, minibatches=1,
+                      kl_in="reward", whiten_advantages=False),
+    "rloo": dict(baseline="leave_one_out", samples_per_prompt=4, clip_ratio=None, ppo_epochs=1,
+                 minibatches=1, kl_in="reward", whiten_advantages=False),
+    "grpo": dict(baseline="group_norm", samples_per_prompt=4, clip_ratio=0.2, ppo_epochs=1,
+                 minibatches=1, kl_in="loss", kl_estimator="k3", kl_coef=0.04,
+                 aggregation="seq_mean", whiten_advantages=False),
+}
+
+# The PPO preset is the config's default, so PPOConfig() is a PPO run.
+PPOConfig = OnlineRLConfig
+
+
+class OnlineRL(L.LightningModule):
+    """The online loop: sample, score, compute advantages, update (see the module docstring).
 
     Args:
-        policy: a `Policy` with a critic (`scalar_head=True`, or a separate `critic`) and
-            `reference="copy"`.
+        policy: a `Policy` with `reference="copy"`, and a critic (`scalar_head=True`, or a
+            separate `critic`) when `config.baseline == "critic"`.
         prompts: the RL prompt set; one epoch of the train loader is one pass over it.
         reward_fn: the proxy reward source, `(prompts, completions) -> Tensor (B,)`.
         gold_fn: optional gold judge logged beside the proxy (`train/gold_reward`).
         val_prompts: prompts for greedy evaluation (`val/reward`, `val/gold_reward`, `val/kl`).
     """
 
-    config_class = PPOConfig
+    config_class = OnlineRLConfig
 
     def __init__(
         self,
         policy: Policy,
         prompts: list[str],
         reward_fn: RewardFn,
-        config: PPOConfig | None = None,
+        config: OnlineRLConfig | None = None,
         gold_fn: RewardFn | None = None,
         val_prompts: list[str] | None = None,
     ):
         super().__init__()
-        if not policy.has_values:
-            raise ValueError("PPO needs a critic: build the Policy with scalar_head=True or a critic")
+        self.config = config or OnlineRLConfig()
+        name = self.config.algorithm
+        if self.config.baseline == "critic" and not policy.has_values:
+            raise ValueError(f"{name} (baseline='critic') needs a critic: build the Policy with "
+                             "scalar_head=True or a critic")
         if policy.reference is None:
-            raise ValueError("PPO needs a reference policy: build the Policy with reference='copy'")
+            raise ValueError(f"{name} needs a reference policy: build the Policy with reference='copy'")
         self.policy = policy.disable_dropout()
-        self.config = config or PPOConfig()
         self.prompts, self.val_prompts = list(prompts), list(val_prompts or [])
         self.reward_fn, self.gold_fn = reward_fn, gold_fn
         c = self.config
@@ -148,7 +194,7 @@ class PPO(L.LightningModule):
         self.budget = Budget()
         self.history: list[dict] = []  # one row of metrics per iteration, for plots and summaries
         self.automatic_optimization = False
-        self.save_hyperparameters({"stage": "ppo", "algorithm": "ppo", **asdict(c)})
+        self.save_hyperparameters({"stage": "online_rl", **asdict(c)})
 
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
@@ -168,9 +214,11 @@ class PPO(L.LightningModule):
         ids, attn = rollout.input_ids, rollout.attention_mask
         mask = rollout.response_mask.float()
         rollout.ref_logprobs = policy.ref_logprobs(ids, attn, c.temperature)
-        rollout.values = policy.values(ids, attn) * mask
-        kl = kl_penalty(rollout.logprobs, rollout.ref_logprobs, c.kl_estimator) * mask
-        rewards = -self.kl_ctl.value * kl
+        if c.baseline == "critic":
+            rollout.values = policy.values(ids, attn) * mask
+        rewards = torch.zeros_like(mask)
+        if c.kl_in == "reward":
+            rewards -= self.kl_ctl.value * kl_penalty(rollout.logprobs, rollout.ref_logprobs, c.kl_estimator) * mask
         # The sequence score lands on the last response token (EOS, or the last one sampled).
         last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)
         rewards[torch.arange(len(rollout), device=device), last] += scores
@@ -184,26 +232,42 @@ class PPO(L.LightningModule):
         rollout = self.make_rollout(prompts)
         self.buffer.clear()
         self.buffer.add(rollout)
-        rollout = self.buffer.compute_advantages("gae", gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages)
+        estimator = "gae" if c.baseline == "critic" else c.baseline
+        rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam,
+                                                 group_size=c.samples_per_prompt, whiten=c.whiten_advantages)
         sums: dict[str, float] = defaultdict(float)
         n_updates = 0
         for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs):
-            logprobs, entropy, values = self.policy.logprobs_and_values(
-                mb.input_ids, mb.attention_mask, c.temperature)
+            if c.baseline == "critic":
+                logprobs, entropy, values = self.policy.logprobs_and_values(
+                    mb.input_ids, mb.attention_mask, c.temperature)
+            else:
+                logprobs, entropy = self.policy.logprobs(mb.input_ids, mb.attention_mask, c.temperature,
+                                                         return_entropy=True)
             policy_loss, pm = ppo_policy_loss(
                 logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_ratio=c.clip_ratio,
                 ratio_level=c.ratio_level, aggregation=c.aggregation)
-            value_loss, vm = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask,
-                                            clip_value=c.value_clip)
             ent, _ = entropy_bonus(entropy, mb.response_mask)
-            loss = policy_loss + c.vf_coef * value_loss - c.entropy_coef * ent
+            loss = policy_loss - c.entropy_coef * ent
+            terms = {"policy_loss": policy_loss, "entropy": ent, "clipfrac": pm["clipfrac"],
+                     "approx_kl": pm["approx_kl"]}
+            if c.baseline == "critic":
+                value_loss, _ = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask,
+                                               clip_value=c.value_clip)
+                loss = loss + c.vf_coef * value_loss
+                terms["value_loss"] = value_loss
+            if c.kl_in == "loss":
+                # GRPO puts the KL in the loss (Shao et al. 2024), with gradients through logprobs.
+                kl_term = masked_mean(kl_penalty(logprobs, mb.ref_logprobs, c.kl_estimator), mb.response_mask)
+                loss = loss + self.kl_ctl.value * kl_term
+                terms["kl_loss"] = kl_term
             optimizer.zero_grad()
             self.manual_backward(loss)
             self._clip_per_group(optimizer)
             optimizer.step()
             n_updates += 1
-            for key, value in (("loss", loss), ("policy_loss", policy_loss), ("value_loss", value_loss),
-                               ("entropy", ent), ("clipfrac", pm["clipfrac"]), ("approx_kl", pm["approx_kl"])):
+            terms["loss"] = loss
+            for key, value in terms.items():
                 sums[key] += float(value.detach())
         self._log_iteration(rollout, {k: v / n_updates for k, v in sums.items()}, n_updates)
 
@@ -280,3 +344,7 @@ class PPO(L.LightningModule):
         if not self.val_prompts:
             return []
         return DataLoader(self.val_prompts, batch_size=256, collate_fn=list)
+
+
+# PPO is the online loop at its default (PPO) preset.
+PPO = OnlineRL
