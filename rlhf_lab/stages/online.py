@@ -275,7 +275,6 @@ class OnlineRL(L.LightningModule):
         mask = rollout.response_mask.float()
         # train/kl is always k1 on the sampled tokens, summed per sequence, so algorithms compare.
         seq_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
-        self.kl_ctl.update(float(seq_kl), len(rollout))
         self.budget.samples += len(rollout)
         self.budget.generated_tokens += int(mask.sum())
         self.budget.optimizer_steps += n_updates
@@ -286,8 +285,11 @@ class OnlineRL(L.LightningModule):
             "train/response_length": float(mask.sum(dim=1).mean()),
             "train/advantage_std": float(masked_mean(rollout.advantages ** 2, mask).sqrt()),
             "train/kl_coef": float(self.kl_ctl.value),
-            "train/value_mean": float(masked_mean(rollout.values, mask)),
         })
+        if rollout.values is not None:
+            metrics["train/value_mean"] = float(masked_mean(rollout.values, mask))
+        # train/kl_coef is the β this iteration used; the controller then adapts it for the next.
+        self.kl_ctl.update(float(seq_kl), len(rollout))
         if rollout.gold_scores is not None:
             metrics["train/gold_reward"] = float(rollout.gold_scores.mean())
         metrics.update(self.budget.metrics())
