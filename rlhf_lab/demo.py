@@ -246,7 +246,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     stage = PPO(policy, task.rl_prompts(seed=c.seed), reward_fn, c.ppo,
                 gold_fn=CallableSource(judge), val_prompts=eval_prompts)
     # Manual optimisation counts every minibatch update as a Trainer step.
-    updates = c.ppo_iterations * c.ppo.ppo_epochs * c.ppo.minibatches
+    updates = c.ppo_iterations * c.ppo.steps_per_iteration
     trainer = make_trainer(out, algorithm, updates, val_check_interval=c.eval_every,
                            check_val_every_n_epoch=None, **trainer_kw)
     trainer.fit(stage)

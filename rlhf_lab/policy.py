@@ -12,6 +12,7 @@ context and is 0.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -137,6 +138,24 @@ class Policy(nn.Module):
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
         return self
+
+    @contextlib.contextmanager
+    def eager_attention(self):
+        """Use plain-matmul attention inside the block.
+
+        Fused SDPA kernels have no double backward on CPU, which TRPO's Fisher-vector product
+        needs; eager attention computes the same function with ordinary differentiable ops.
+        """
+        model = self.model
+        previous = getattr(model.config, "_attn_implementation", None)
+        if previous in (None, "eager") or not hasattr(model, "set_attn_implementation"):
+            yield
+            return
+        model.set_attn_implementation("eager")
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(previous)
 
     @property
     def device(self) -> torch.device:

@@ -35,8 +35,11 @@ from rlhf_lab.losses import (
     kl_k1,
     kl_penalty,
     masked_mean,
+    mean_kl,
     ppo_policy_loss,
     ppo_value_loss,
+    surrogate_loss,
+    trpo_step,
 )
 from rlhf_lab.policy import Policy
 from rlhf_lab.rollout import Rollout, RolloutBuffer
@@ -55,6 +58,11 @@ class OnlineRLConfig:
     algorithm: str = "ppo"  # a label for logs and summaries; set by `preset`, changes nothing else
     baseline: str = "critic"  # critic (GAE) | none | batch_mean | leave_one_out | group_norm
     kl_in: str = "reward"  # where the KL to the reference goes: "reward" (per token) or "loss"
+    update: str = "gradient"  # "gradient": K epochs of minibatch AdamW; "trpo": one trust-region step
+    max_kl: float = 0.01  # TRPO: bound on the mean KL(π_old ‖ π) of one step
+    cg_iters: int = 10  # TRPO: conjugate-gradient iterations for the natural gradient
+    cg_damping: float = 0.1  # TRPO: damping added to the Fisher matrix
+    line_search_steps: int = 10  # TRPO: backtracking steps (step halves each time)
     lr: float = 1e-4  # AdamW learning rate of the policy (and of a value head on it)
     critic_lr: float | None = None  # learning rate of a separate critic model; None = lr
     prompts_per_step: int = 16  # prompts sampled per iteration
@@ -88,6 +96,11 @@ class OnlineRLConfig:
             raise ValueError("samples_per_prompt must be >= 2 for baseline 'leave_one_out' (RLOO)")
         if self.baseline == "group_norm" and self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2 for baseline 'group_norm' (GRPO)")
+        check_choice("update", self.update, ("gradient", "trpo"))
+        check_positive("max_kl", self.max_kl)
+        check_positive("cg_iters", self.cg_iters)
+        check_positive("cg_damping", self.cg_damping, allow_zero=True)
+        check_positive("line_search_steps", self.line_search_steps, allow_zero=True)
         if self.kl_in == "loss" and self.kl_target is not None:
             raise ValueError("kl_target (adaptive KL) applies to kl_in='reward' only")
         check_positive("lr", self.lr)
@@ -126,6 +139,18 @@ class OnlineRLConfig:
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
 
 
+    @property
+    def steps_per_iteration(self) -> int:
+        """Trainer (optimiser) steps one iteration takes: what `Trainer(max_steps=...)` counts.
+
+        Gradient updates take ppo_epochs × minibatches steps. A TRPO step moves the policy
+        outside the optimiser, so an iteration counts as one step, or as the critic's
+        ppo_epochs × minibatches steps when it trains a critic.
+        """
+        if self.update == "trpo" and self.baseline != "critic":
+            return 1
+        return self.ppo_epochs * self.minibatches
+
     @classmethod
     def preset(cls, name: str, **overrides) -> OnlineRLConfig:
         """The named defaults of `PRESETS`, with `overrides` on top."""
@@ -141,6 +166,8 @@ PRESETS: dict[str, dict] = {
                       kl_in="reward", whiten_advantages=False),
     "rloo": dict(baseline="leave_one_out", samples_per_prompt=4, clip_ratio=None, ppo_epochs=1,
                  minibatches=1, kl_in="reward", whiten_advantages=False),
+    "trpo": dict(baseline="leave_one_out", samples_per_prompt=4, update="trpo", kl_in="reward",
+                 whiten_advantages=True, minibatches=1, ppo_epochs=1),
     "grpo": dict(baseline="group_norm", samples_per_prompt=4, clip_ratio=0.2, ppo_epochs=1,
                  minibatches=1, kl_in="loss", kl_estimator="k3", kl_coef=0.04,
                  aggregation="seq_mean", whiten_advantages=False),
@@ -181,6 +208,9 @@ class OnlineRL(L.LightningModule):
                              "scalar_head=True or a critic")
         if policy.reference is None:
             raise ValueError(f"{name} needs a reference policy: build the Policy with reference='copy'")
+        if self.config.update == "trpo" and self.config.baseline == "critic" and policy.critic is None:
+            raise ValueError("update='trpo' with baseline='critic' needs a separate critic model: a value "
+                             "head would share the trunk that the trust-region step moves")
         self.policy = policy.disable_dropout()
         self.prompts, self.val_prompts = list(prompts), list(val_prompts or [])
         self.reward_fn, self.gold_fn = reward_fn, gold_fn
@@ -235,6 +265,9 @@ class OnlineRL(L.LightningModule):
         estimator = "gae" if c.baseline == "critic" else c.baseline
         rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam,
                                                  group_size=c.samples_per_prompt, whiten=c.whiten_advantages)
+        if c.update == "trpo":
+            self._log_iteration(rollout, self._trpo_update(rollout, optimizer), c.steps_per_iteration)
+            return
         sums: dict[str, float] = defaultdict(float)
         n_updates = 0
         for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs):
@@ -270,6 +303,62 @@ class OnlineRL(L.LightningModule):
             for key, value in terms.items():
                 sums[key] += float(value.detach())
         self._log_iteration(rollout, {k: v / n_updates for k, v in sums.items()}, n_updates)
+
+    def _trpo_update(self, data: Rollout, optimizer) -> dict[str, float]:
+        """One trust-region step of the policy on the whole batch (Schulman et al. 2015).
+
+        The natural-gradient direction comes from conjugate gradient on the Fisher-vector product
+        of the KL to the sampling policy, and the backtracking line search accepts a step only if
+        the mean KL stays within `max_kl` and the surrogate improves. Practical for tiny models and
+        adapters: it holds a few flat copies of the trainable policy weights. A separate critic,
+        when there is one, is then fitted by AdamW on the value loss.
+        """
+        c = self.config
+        ids, attn, mask = data.input_ids, data.attention_mask, data.response_mask
+        critic_ids = {id(p) for p in self.policy.critic.parameters()} if self.policy.critic is not None else set()
+        actor = [p for p in self.policy.trainable_parameters() if id(p) not in critic_ids]
+        if self.policy.scalar_head is not None:
+            head = {id(p) for p in self.policy.scalar_head.parameters()}
+            actor = [p for p in actor if id(p) not in head]
+
+        def loss_fn() -> torch.Tensor:
+            logprobs = self.policy.logprobs(ids, attn, c.temperature)
+            loss, _ = surrogate_loss(logprobs, data.logprobs, data.advantages, mask)
+            if c.kl_in == "loss":
+                loss = loss + self.kl_ctl.value * masked_mean(
+                    kl_penalty(logprobs, data.ref_logprobs, c.kl_estimator), mask)
+            return loss
+
+        def kl_fn() -> torch.Tensor:
+            return mean_kl(self.policy.logprobs(ids, attn, c.temperature), data.logprobs, mask)
+
+        with torch.no_grad():
+            before = float(loss_fn())
+        with self.policy.eager_attention():
+            stats = trpo_step(actor, loss_fn, kl_fn, max_kl=c.max_kl, cg_iters=c.cg_iters,
+                              damping=c.cg_damping, max_backtracks=c.line_search_steps)
+        with torch.no_grad():
+            _, entropy = self.policy.logprobs(ids, attn, c.temperature, return_entropy=True)
+        out = {"policy_loss": before, "loss": before, "approx_kl": stats["kl"], "clipfrac": 0.0,
+               "entropy": float(masked_mean(entropy, mask)), "trpo_accepted": stats["accepted"],
+               "trpo_step_fraction": stats["step_fraction"]}
+        if c.baseline == "critic":
+            values_loss = 0.0
+            for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs):
+                value_loss, _ = ppo_value_loss(self.policy.values(mb.input_ids, mb.attention_mask), mb.values,
+                                               mb.returns, mb.response_mask, clip_value=c.value_clip)
+                optimizer.zero_grad()
+                self.manual_backward(value_loss)
+                self._clip_per_group(optimizer)
+                optimizer.step()
+                values_loss += float(value_loss.detach())
+            out["value_loss"] = values_loss / c.steps_per_iteration
+        else:
+            # No optimiser moved the policy; one empty step keeps the Trainer's step count (and
+            # with it max_steps and logging) in iterations.
+            optimizer.zero_grad(set_to_none=True)
+            optimizer.step()
+        return out
 
     def _log_iteration(self, rollout: Rollout, update: dict, n_updates: int) -> None:
         mask = rollout.response_mask.float()

@@ -34,7 +34,7 @@ def _run(make_policy, task, tmp_path, config, iterations=1, name="run"):
     policy.model.register_forward_hook(favour_eos)
     stage = OnlineRL(policy, task.rl_prompts(), CallableSource(_chars), config, gold_fn=CallableSource(_chars))
     L.seed_everything(0, verbose=False)
-    trainer = L.Trainer(max_steps=iterations * config.ppo_epochs * config.minibatches, max_epochs=-1,
+    trainer = L.Trainer(max_steps=iterations * config.steps_per_iteration, max_epochs=-1,
                         logger=CSVLogger(str(tmp_path), name=name, version=""), enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
                         accelerator="cpu", num_sanity_val_steps=0)
@@ -120,3 +120,29 @@ def test_adaptive_kl_coef_moves_with_the_observed_kl(make_policy, task, tmp_path
     # (1 + 0.2 · n / horizon) = 1 + 0.2 · 8 / 10 = 1.16 per iteration of n = 8 samples:
     # β = 0.1, 0.116, 0.13456.
     assert coefs == pytest.approx([0.1, 0.116, 0.13456], rel=1e-5)
+
+
+@pytest.mark.parametrize("max_kl", [1e-3, 1e-2])
+def test_trpo_step_stays_inside_the_kl_bound(make_policy, task, tmp_path, max_kl):
+    config = OnlineRLConfig.preset("trpo", **{**SMALL, "samples_per_prompt": 4, "max_kl": max_kl})
+    before = torch.cat([p.detach().flatten().clone() for p in make_policy(seed=0).model.parameters()])
+    after, rows, stage = _run(make_policy, task, tmp_path, config, iterations=2, name=f"trpo-{max_kl}")
+    achieved = [float(r["train/approx_kl"]) for r in rows if r.get("train/approx_kl")]
+    accepted = [float(r["train/trpo_accepted"]) for r in rows if r.get("train/trpo_accepted")]
+    assert len(achieved) == 2 and all(0 <= kl <= max_kl * (1 + 1e-4) for kl in achieved)
+    assert any(accepted) and not torch.equal(before, after)
+    assert stage.budget.optimizer_steps == 2  # one Trainer step per TRPO iteration
+
+
+def test_trpo_max_kl_changes_the_update(make_policy, task, tmp_path):
+    runs = [_run(make_policy, task, tmp_path, OnlineRLConfig.preset("trpo", **{**SMALL, "samples_per_prompt": 4,
+                                                                            "max_kl": m}), name=f"kl{m}")[0]
+            for m in (1e-4, 1e-2)]
+    start = torch.cat([p.detach().flatten() for p in make_policy(seed=0).model.parameters()])
+    assert (runs[1] - start).norm() > (runs[0] - start).norm()
+
+
+def test_trpo_with_a_value_head_is_refused(make_policy, task):
+    config = OnlineRLConfig(update="trpo")
+    with pytest.raises(ValueError, match="needs a separate critic"):
+        OnlineRL(make_policy(scalar_head=True, reference="copy"), task.rl_prompts(), CallableSource(_chars), config)
