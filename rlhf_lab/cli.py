@@ -9,6 +9,9 @@ import sys
 
 from rlhf_lab import __version__
 
+# The names only; importing rlhf_lab.demo would pull in torch before --help needs it.
+RL_ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo")
+
 
 def _demo(args: argparse.Namespace) -> int:
     # Quiet the libraries' start-up chatter so the demo's own tables stand out.
@@ -25,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
 
     config = DemoConfig(seed=args.seed)
     if args.quick:
-        config.pretrain_steps, config.sft_steps, config.reward_steps, config.ppo_iterations = 40, 20, 20, 4
+        config.pretrain_steps, config.sft_steps, config.reward_steps, config.rl_iterations = 40, 20, 20, 4
         config.eval_every = 2
     run_demo(out=args.out, config=config, logger=args.logger, algorithm=args.algorithm,
              progress=not args.no_progress)
@@ -35,7 +38,7 @@ def _demo(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf-lab",
-        description="rlhf_lab: train language models from feedback (pretrain, SFT, reward model, PPO) "
+        description="rlhf_lab: train language models from feedback (pretrain, SFT, reward model, PPO/REINFORCE/RLOO/GRPO/TRPO) "
         "with PyTorch Lightning.",
     )
     parser.add_argument("--version", action="version", version=f"rlhf_lab {__version__}")
@@ -43,15 +46,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the whole pipeline on the built-in arithmetic task (a few minutes on CPU)",
-        description="Train a tiny GPT-2 from scratch through pretrain → SFT → reward model → PPO on "
+        description="Train a tiny GPT-2 from scratch through pretrain → SFT → reward model → RL on "
         "the arithmetic task, print a table per stage and generations before/after RL, and write a "
         "run folder: one HF checkpoint per stage, Lightning CSV metrics, summary.json and "
         "rl_curve.png.",
     )
     demo.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>/)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--algorithm", default="ppo", choices=["ppo"],
-                      help="online RL algorithm of the last stage (default: ppo)")
+    demo.add_argument("--algorithm", default="ppo", choices=list(RL_ALGORITHMS),
+                      help="RL algorithm of the last stage, a preset of the one online loop (default: ppo)")
     demo.add_argument("--logger", default="csv", choices=["csv", "wandb"],
                       help="csv (default), or wandb (offline when WANDB_API_KEY is not set)")
     demo.add_argument("--quick", action="store_true",

@@ -1,8 +1,8 @@
-"""The demo: the whole pipeline (pretrain → SFT → reward model → PPO) on the arithmetic task.
+"""The demo: the whole pipeline (pretrain → SFT → reward model → RL) on the arithmetic task.
 
 A tiny GPT-2 is trained from scratch on CPU in a few minutes. Preference pairs for the reward
-model come from sampling the SFT policy and ranking its samples with the task's gold judge; PPO
-then optimises the *learned* reward model while the gold judge measures what really happened.
+model come from sampling the SFT policy and ranking its samples with the task's gold judge; the RL
+algorithm (PPO by default) then optimises the *learned* reward model while the gold judge measures what really happened.
 Everything a run produces lands in one folder (see `run_demo`).
 """
 
@@ -23,9 +23,9 @@ from rlhf_lab.models.tokenizer import train_bpe_tokenizer
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards import CallableSource, RewardModelSource
 from rlhf_lab.stages import (
-    PPO,
     SFT,
-    PPOConfig,
+    OnlineRL,
+    OnlineRLConfig,
     Pretrain,
     PretrainConfig,
     RewardModel,
@@ -49,12 +49,28 @@ class DemoConfig:
     pair_temperature: float = 1.5  # hot sampling gives the reward model varied wrong answers
     reward_steps: int = 1500
     reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=3e-4, batch_size=32))
-    ppo_iterations: int = 60
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(
-        lr=2e-4, critic_lr=1e-3, prompts_per_step=64, samples_per_prompt=4, ppo_epochs=2, minibatches=4,
-        max_new_tokens=6, kl_coef=0.05, vf_coef=0.1, missing_eos_penalty=1.0))
-    eval_every: int = 10  # PPO iterations between greedy evaluations on the eval prompts
+    rl_iterations: int = 60
+    # Knobs every algorithm shares in the demo (an equal budget of 256 samples per iteration) ...
+    rl_shared: dict = field(default_factory=lambda: dict(
+        prompts_per_step=64, samples_per_prompt=4, max_new_tokens=6, missing_eos_penalty=1.0, kl_coef=0.05))
+    # ... and each one's own settings on top of its preset.
+    rl_overrides: dict = field(default_factory=lambda: {
+        "ppo": dict(lr=2e-4, critic_lr=1e-3, ppo_epochs=2, minibatches=4, vf_coef=0.1),
+        "reinforce": dict(lr=5e-4),
+        "rloo": dict(lr=5e-4),
+        "grpo": dict(lr=5e-4),
+        "trpo": dict(max_kl=0.01),
+    })
+    eval_every: int = 10  # RL iterations between greedy evaluations on the eval prompts
     max_new_tokens: int = 6  # generation length for evaluation and preference sampling
+
+
+    def rl_config(self, algorithm: str) -> OnlineRLConfig:
+        """The algorithm's preset with the demo's shared and per-algorithm settings on top."""
+        return OnlineRLConfig.preset(algorithm, **{**self.rl_shared, **self.rl_overrides.get(algorithm, {})})
+
+
+RL_ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo")
 
 
 def make_trainer(out: str, stage: str, max_steps: int, logger: str, run_name: str, **kwargs) -> L.Trainer:
@@ -175,9 +191,10 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv` —
     plus `summary.json` and `rl_curve.png`. Returns the summary dict.
     """
-    if algorithm != "ppo":
-        raise ValueError(f"algorithm must be 'ppo' (the only online algorithm so far), got {algorithm!r}")
+    if algorithm not in RL_ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(RL_ALGORITHMS)}; got {algorithm!r}")
     c = config or DemoConfig()
+    rl_config = c.rl_config(algorithm)
     out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     run_name = os.path.basename(os.path.normpath(out))
@@ -238,20 +255,21 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
                                  ("val accuracy", f"{val['val/accuracy']:.1%}")]))
 
-    # 4. PPO against the learned reward model; the gold judge only watches. The reward model is
-    # normalised on SFT samples, and PPO's critic starts as a copy of it (Ouyang et al. 2022).
-    samples = policy.generate(rm_prompts, max_new_tokens=c.max_new_tokens, temperature=c.ppo.temperature)
+    # 4. RL against the learned reward model; the gold judge only watches. The reward model is
+    # normalised on SFT samples, and a critic (PPO's) starts as a copy of it (Ouyang et al. 2022).
+    samples = policy.generate(rm_prompts, max_new_tokens=c.max_new_tokens, temperature=rl_config.temperature)
     reward_fn = RewardModelSource(reward_policy).normalize(samples.prompts, samples.completions)
-    policy = Policy.load(os.path.join(out, "sft"), reference="copy", critic=reward_fn.as_critic())
-    stage = PPO(policy, task.rl_prompts(seed=c.seed), reward_fn, c.ppo,
-                gold_fn=CallableSource(judge), val_prompts=eval_prompts)
-    # Manual optimisation counts every minibatch update as a Trainer step.
-    updates = c.ppo_iterations * c.ppo.steps_per_iteration
+    critic = reward_fn.as_critic() if rl_config.baseline == "critic" else None
+    policy = Policy.load(os.path.join(out, "sft"), reference="copy", critic=critic)
+    stage = OnlineRL(policy, task.rl_prompts(seed=c.seed), reward_fn, rl_config,
+                     gold_fn=CallableSource(judge), val_prompts=eval_prompts)
+    # Manual optimisation counts every optimiser step as a Trainer step.
+    updates = c.rl_iterations * rl_config.steps_per_iteration
     trainer = make_trainer(out, algorithm, updates, val_check_interval=c.eval_every,
                            check_val_every_n_epoch=None, **trainer_kw)
     trainer.fit(stage)
     finish_logger(trainer)
-    policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(c.ppo)})
+    policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(rl_config)})
     after = greedy_completions(policy, eval_prompts, c.max_new_tokens)
     rl_acc = _mean(judge(eval_prompts, after))
     last = stage.history[-1]

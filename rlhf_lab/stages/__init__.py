@@ -1,5 +1,6 @@
 """One LightningModule per stage: wiring, logging and optimisers (losses live in `losses/`)."""
 
+from rlhf_lab.stages.dpo import DPO, DPOConfig, OnlineDPO
 from rlhf_lab.stages.lm import SFT, Pretrain, PretrainConfig, SFTConfig
 from rlhf_lab.stages.online import PPO, PRESETS, OnlineRL, OnlineRLConfig, PPOConfig
 from rlhf_lab.stages.reward_model import RewardModel, RewardModelConfig
@@ -10,6 +11,8 @@ STAGES = {
     "reward_model": (RewardModel, RewardModelConfig),
     "ppo": (PPO, PPOConfig),
     "online_rl": (OnlineRL, OnlineRLConfig),
+    "dpo": (DPO, DPOConfig),
+    "online_dpo": (OnlineDPO, DPOConfig),
 }
 
 
@@ -21,6 +24,7 @@ def get_stage(name: str):
 
 
 __all__ = [
+    "DPO", "DPOConfig", "OnlineDPO",
     "OnlineRL", "OnlineRLConfig", "PPO", "PPOConfig", "PRESETS", "Pretrain", "PretrainConfig", "RewardModel", "RewardModelConfig",
     "SFT", "SFTConfig", "STAGES", "get_stage",
 ]

@@ -1,0 +1,267 @@
+"""Direct preference optimisation: offline (`DPO`) on fixed pairs, and online (`OnlineDPO`).
+
+Both compute per-sequence log-probs of the completion tokens under the policy and the reference
+and call one of `rlhf_lab.losses.DPO_LOSSES` (sigmoid DPO, IPO, hinge, robust, SimPO). The
+reference is the Policy's frozen copy (`reference="copy"`), or log-probs precomputed once before
+training (`reference="precomputed"`: no second model in memory), or none for SimPO.
+`OnlineDPO` samples two responses per prompt from the current policy each iteration, ranks them
+with a reward source and takes a DPO step on the pairs (Guo et al. 2024, "Direct Language Model
+Alignment from Online AI Feedback").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from rlhf_lab.data import PreferenceDataset, preference_collate
+from rlhf_lab.losses import DPO_LOSSES, kl_k1, preference_loss
+from rlhf_lab.policy import Policy
+from rlhf_lab.stages.common import Budget, adamw, check_choice, check_positive
+
+REFERENCE_FREE = ("simpo",)
+
+
+@dataclass
+class DPOConfig:
+    """Hyperparameters of (offline or online) DPO and its variants."""
+
+    variant: str = "sigmoid"  # sigmoid | ipo | hinge | robust | robust_unbiased | simpo
+    beta: float | None = None  # β of the variant; None = the variant's default (0.1; SimPO 2.0)
+    label_smoothing: float = 0.0  # ε of the robust variants
+    gamma: float = 0.5  # SimPO's target margin
+    reference: str = "copy"  # "copy" (the Policy's frozen copy) or "precomputed" (once, offline only)
+    lr: float = 1e-4  # AdamW learning rate
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps
+    batch_size: int = 16  # pairs per optimiser step (OnlineDPO: prompts per iteration)
+    max_length: int = 128  # tokens per side; longer rows lose the start of the prompt (counted)
+    max_new_tokens: int = 8  # OnlineDPO: response length limit
+    temperature: float = 1.0  # OnlineDPO: sampling temperature
+
+    def __post_init__(self):
+        check_choice("variant", self.variant, tuple(DPO_LOSSES))
+        check_choice("reference", self.reference, ("copy", "precomputed"))
+        if self.beta is not None:
+            check_positive("beta", self.beta)
+        check_positive("lr", self.lr)
+        check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
+        check_positive("batch_size", self.batch_size)
+        check_positive("max_length", self.max_length)
+        check_positive("max_new_tokens", self.max_new_tokens)
+        check_positive("temperature", self.temperature)
+
+
+def sequence_logprobs(policy: Policy, batch: dict, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-prob of each row's loss-masked (completion) tokens, and their count. Shape: (B,)."""
+    mask = batch["loss_mask"].clone()
+    mask[:, 0] = 0  # column 0 has no context
+    fn = policy.ref_logprobs if reference else policy.logprobs
+    logprobs = fn(batch["input_ids"], batch["attention_mask"])
+    return (logprobs * mask).sum(dim=1), mask.sum(dim=1).float()
+
+
+class _Indexed(Dataset):
+    """Adds each item's index, so precomputed reference log-probs can be looked up."""
+
+    def __init__(self, data: Dataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.data[i], "index": i}
+
+
+def _collate(items: list[dict], pad_token_id: int) -> dict:
+    batch = preference_collate(items, pad_token_id)
+    batch["index"] = torch.tensor([item["index"] for item in items])
+    return batch
+
+
+class _PreferenceStep:
+    """The DPO loss on one padded batch of chosen rows then rejected rows (shared by both stages)."""
+
+    policy: Policy
+    config: DPOConfig
+
+    def _dpo_loss(self, batch: dict, ref: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, dict]:
+        c = self.config
+        logps, lengths = sequence_logprobs(self.policy, batch)
+        chosen, rejected = logps.chunk(2)
+        len_c, len_r = lengths.chunk(2)
+        ref_c = ref_r = None
+        if ref is not None:
+            ref_c, ref_r = ref
+        return preference_loss(c.variant, chosen, rejected, ref_c, ref_r, chosen_lengths=len_c,
+                               rejected_lengths=len_r, beta=c.beta, label_smoothing=c.label_smoothing,
+                               gamma=c.gamma)
+
+    def _log_preference(self, split: str, loss: torch.Tensor, metrics: dict, n: int) -> None:
+        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n)
+        for key in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
+            self.log(f"{split}/{key}", metrics[key], prog_bar=key == "reward_accuracy", batch_size=n)
+
+
+class DPO(_PreferenceStep, L.LightningModule):
+    """Offline DPO (and variants) on `prompt`/`chosen`/`rejected` rows."""
+
+    config_class = DPOConfig
+
+    def __init__(self, policy: Policy, train_rows: list[dict], val_rows: list[dict] | None = None,
+                 config: DPOConfig | None = None):
+        super().__init__()
+        self.config = c = config or DPOConfig()
+        needs_ref = c.variant not in REFERENCE_FREE
+        if needs_ref and c.reference == "copy" and policy.reference is None:
+            raise ValueError(f"DPO variant '{c.variant}' with reference='copy' needs Policy(reference='copy')")
+        self.policy = policy.disable_dropout()
+        pad = policy.tokenizer.pad_token_id
+        self.train_data = _Indexed(PreferenceDataset(train_rows, policy.tokenizer, c.max_length))
+        self.val_data = _Indexed(PreferenceDataset(val_rows, policy.tokenizer, c.max_length)) if val_rows else None
+        self._collate = partial(_collate, pad_token_id=pad)
+        self._precomputed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if needs_ref and c.reference == "precomputed":
+            # The policy is still the reference now: score every pair once, keep no second model.
+            for split, data in (("train", self.train_data), ("val", self.val_data)):
+                if data is not None:
+                    self._precomputed[split] = self._score_all(data)
+        self.budget = Budget()
+        self.save_hyperparameters({"stage": "dpo", "algorithm": "dpo", **asdict(c)})
+
+    @torch.no_grad()
+    def _score_all(self, data: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+        chosen, rejected = torch.zeros(len(data)), torch.zeros(len(data))
+        for batch in DataLoader(data, batch_size=64, collate_fn=self._collate):
+            logps, _ = sequence_logprobs(self.policy, {k: v.to(self.policy.device) for k, v in batch.items()})
+            c, r = logps.chunk(2)
+            chosen[batch["index"]], rejected[batch["index"]] = c.cpu(), r.cpu()
+        return chosen, rejected
+
+    def _reference(self, batch: dict, split: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        c = self.config
+        if c.variant in REFERENCE_FREE:
+            return None
+        if c.reference == "precomputed":
+            chosen, rejected = self._precomputed[split]
+            idx = batch["index"].cpu()
+            return chosen[idx].to(self.device), rejected[idx].to(self.device)
+        ref, _ = sequence_logprobs(self.policy, batch, reference=True)
+        return ref.chunk(2)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss, metrics = self._dpo_loss(batch, self._reference(batch, "train"))
+        n = batch["index"].shape[0]
+        self.budget.samples += n
+        self.budget.optimizer_steps += 1
+        self._log_preference("train", loss, metrics, n)
+        self.log_dict(self.budget.metrics())
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        loss, metrics = self._dpo_loss(batch, self._reference(batch, "val"))
+        self._log_preference("val", loss, metrics, batch["index"].shape[0])
+
+    def configure_optimizers(self):
+        c = self.config
+        return adamw(self.policy.trainable_parameters(), c.lr, c.weight_decay, c.warmup_steps)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(self.train_data, batch_size=self.config.batch_size, shuffle=True, collate_fn=self._collate)
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self.val_data is None:
+            return []
+        return DataLoader(self.val_data, batch_size=self.config.batch_size, collate_fn=self._collate)
+
+
+class OnlineDPO(_PreferenceStep, L.LightningModule):
+    """Online DPO: each iteration samples two responses per prompt and ranks them with `reward_fn`.
+
+    Pairs whose two responses score the same are skipped (counted in `train/skipped_pairs`).
+    """
+
+    config_class = DPOConfig
+
+    def __init__(self, policy: Policy, prompts: list[str],
+                 reward_fn: Callable[[list[str], list[str]], torch.Tensor], config: DPOConfig | None = None,
+                 gold_fn: Callable[[list[str], list[str]], torch.Tensor] | None = None):
+        super().__init__()
+        self.config = c = config or DPOConfig()
+        if c.reference == "precomputed":
+            raise ValueError("reference='precomputed' needs fixed pairs; OnlineDPO samples new ones (use 'copy')")
+        if c.variant not in REFERENCE_FREE and policy.reference is None:
+            raise ValueError(f"DPO variant '{c.variant}' needs Policy(reference='copy')")
+        self.policy = policy.disable_dropout()
+        self.prompts, self.reward_fn, self.gold_fn = list(prompts), reward_fn, gold_fn
+        self.budget = Budget()
+        self.history: list[dict] = []
+        self.save_hyperparameters({"stage": "online_dpo", "algorithm": "online_dpo", **asdict(c)})
+
+    @torch.no_grad()
+    def make_pairs(self, prompts: list[str]) -> tuple[dict | None, dict]:
+        """Sample two responses per prompt, score them, and build a chosen/rejected batch."""
+        c, policy = self.config, self.policy
+        rollout = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
+                                  samples_per_prompt=2)
+        scores = self.reward_fn(rollout.prompts, rollout.completions).float().view(-1, 2)
+        self.budget.reward_calls += len(rollout)
+        self.budget.generated_tokens += int(rollout.response_mask.sum())
+        mask = rollout.response_mask.float()
+        stats = {"reward": float(scores.mean()), "response_length": float(mask.sum(1).mean())}
+        if policy.reference is not None:
+            # train/kl as for every algorithm: k1 on the sampled tokens, summed per sequence.
+            ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask, c.temperature)
+            stats["kl"] = float((kl_k1(rollout.logprobs, ref) * mask).sum(1).mean())
+        if self.gold_fn is not None:
+            stats["gold_reward"] = float(self.gold_fn(rollout.prompts, rollout.completions).float().mean())
+        keep = scores[:, 0] != scores[:, 1]
+        stats["skipped_pairs"] = float((~keep).sum())
+        if not keep.any():
+            return None, stats
+        rows = torch.arange(len(prompts), device=scores.device)[keep]
+        better = scores[keep].argmax(dim=1)  # 0 or 1: which sample of the pair won
+        chosen_rows, rejected_rows = rows * 2 + better, rows * 2 + (1 - better)
+        order = torch.cat([chosen_rows, rejected_rows])
+        batch = {
+            "input_ids": rollout.input_ids[order],
+            "attention_mask": rollout.attention_mask[order],
+            "loss_mask": rollout.response_mask[order],
+        }
+        return batch, stats
+
+    def training_step(self, prompts: list[str], batch_idx: int) -> torch.Tensor | None:
+        batch, stats = self.make_pairs(prompts)
+        n_pairs = 0 if batch is None else batch["input_ids"].shape[0] // 2
+        self.budget.samples += 2 * len(prompts)
+        metrics = {f"train/{k}": v for k, v in stats.items()}
+        if batch is None:
+            self.log_dict({**metrics, **self.budget.metrics()}, batch_size=1)
+            self.history.append({"iteration": len(self.history) + 1, **metrics})
+            return None  # nothing to learn from: every pair tied
+        ref = None
+        if self.config.variant not in REFERENCE_FREE:
+            ref_logps, _ = sequence_logprobs(self.policy, batch, reference=True)
+            ref = ref_logps.chunk(2)
+        loss, m = self._dpo_loss(batch, ref)
+        self.budget.optimizer_steps += 1
+        self._log_preference("train", loss, m, n_pairs)
+        self.log_dict({**metrics, **self.budget.metrics()}, batch_size=n_pairs)
+        self.history.append({"iteration": len(self.history) + 1, **metrics, "train/loss": float(loss)})
+        return loss
+
+    def configure_optimizers(self):
+        c = self.config
+        return adamw(self.policy.trainable_parameters(), c.lr, c.weight_decay, c.warmup_steps)
+
+    def train_dataloader(self) -> DataLoader:
+        c = self.config
+        return DataLoader(self.prompts, batch_size=c.batch_size, shuffle=True, collate_fn=list,
+                          drop_last=len(self.prompts) >= c.batch_size)
