@@ -10,7 +10,7 @@ import sys
 from rlhf_lab import __version__
 
 # The names only; importing rlhf_lab.demo would pull in torch before --help needs it.
-RL_ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo")
+ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo", "dpo", "online_dpo")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -29,6 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = DemoConfig(seed=args.seed)
     if args.quick:
         config.pretrain_steps, config.sft_steps, config.reward_steps, config.rl_iterations = 40, 20, 20, 4
+        config.dpo_steps = 4
         config.eval_every = 2
     run_demo(out=args.out, config=config, logger=args.logger, algorithm=args.algorithm,
              progress=not args.no_progress)
@@ -53,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>/)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--algorithm", default="ppo", choices=list(RL_ALGORITHMS),
-                      help="RL algorithm of the last stage, a preset of the one online loop (default: ppo)")
+    demo.add_argument("--algorithm", default="ppo", choices=list(ALGORITHMS),
+                      help="algorithm of the last stage (default: ppo); the online ones are presets of one loop, "
+                      "dpo trains on the gold-ranked pairs, online_dpo ranks fresh samples with the reward model")
     demo.add_argument("--logger", default="csv", choices=["csv", "wandb"],
                       help="csv (default), or wandb (offline when WANDB_API_KEY is not set)")
     demo.add_argument("--quick", action="store_true",

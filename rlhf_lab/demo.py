@@ -18,12 +18,16 @@ import lightning as L
 import torch
 
 from rlhf_lab.eval import greedy_completions
+from rlhf_lab.losses import kl_k1
 from rlhf_lab.models.backbones import build_tiny_model
 from rlhf_lab.models.tokenizer import train_bpe_tokenizer
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards import CallableSource, RewardModelSource
 from rlhf_lab.stages import (
+    DPO,
     SFT,
+    DPOConfig,
+    OnlineDPO,
     OnlineRL,
     OnlineRLConfig,
     Pretrain,
@@ -50,16 +54,22 @@ class DemoConfig:
     reward_steps: int = 1500
     reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=3e-4, batch_size=32))
     rl_iterations: int = 60
+    dpo_steps: int = 300  # offline DPO optimiser steps on the gold-ranked pairs
+    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(variant="sigmoid", beta=0.1, lr=2e-4, batch_size=32))
+    online_dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
+        variant="sigmoid", beta=0.1, lr=2e-4, batch_size=64, max_new_tokens=6))
     # Knobs every algorithm shares in the demo (an equal budget of 256 samples per iteration) ...
     rl_shared: dict = field(default_factory=lambda: dict(
         prompts_per_step=64, samples_per_prompt=4, max_new_tokens=6, missing_eos_penalty=1.0, kl_coef=0.05))
     # ... and each one's own settings on top of its preset.
     rl_overrides: dict = field(default_factory=lambda: {
         "ppo": dict(lr=2e-4, critic_lr=1e-3, ppo_epochs=2, minibatches=4, vf_coef=0.1),
-        "reinforce": dict(lr=5e-4),
-        "rloo": dict(lr=5e-4),
-        "grpo": dict(lr=5e-4),
-        "trpo": dict(max_kl=0.01),
+        "reinforce": dict(lr=5e-4, minibatches=4),
+        "rloo": dict(lr=5e-4, minibatches=4),
+        "grpo": dict(lr=5e-4, minibatches=4),
+        # Each Fisher-vector product is a double backward over the batch (~1 s for 256 samples
+        # here), so TRPO takes a quarter of the batch and 5 CG iterations.
+        "trpo": dict(max_kl=0.01, prompts_per_step=16, cg_iters=5),
     })
     eval_every: int = 10  # RL iterations between greedy evaluations on the eval prompts
     max_new_tokens: int = 6  # generation length for evaluation and preference sampling
@@ -71,6 +81,7 @@ class DemoConfig:
 
 
 RL_ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo")
+ALGORITHMS = (*RL_ALGORITHMS, "dpo", "online_dpo")
 
 
 def make_trainer(out: str, stage: str, max_steps: int, logger: str, run_name: str, **kwargs) -> L.Trainer:
@@ -154,15 +165,25 @@ def _mean(xs: list[float]) -> float:
     return float(sum(xs) / len(xs))
 
 
-def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float) -> None:
+def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float, end_accuracy: float) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    it = [h["iteration"] for h in history]
     fig, ax = plt.subplots(figsize=(7, 4))
+    if not history:  # offline DPO has no iterations: show gold accuracy before and after
+        ax.bar(["SFT", algorithm.upper()], [start_accuracy, end_accuracy], color=["C7", "C3"])
+        ax.set_ylabel("greedy gold accuracy (fraction correct)")
+        ax.set_ylim(0, 1)
+        ax.set_title("Arithmetic task: gold accuracy before and after preference optimisation")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
+    it = [h["iteration"] for h in history]
     ax.plot(it, [h["train/reward"] for h in history], label="proxy reward (reward model, sampled)", color="C0")
+    ax.axhline(0.0, color="C0", lw=0.5, ls=":")
     ax.set_xlabel(f"{algorithm.upper()} iteration")
     ax.set_ylabel("proxy reward (normalised reward-model score)", color="C0")
     ax2 = ax.twinx()
@@ -191,10 +212,10 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv` —
     plus `summary.json` and `rl_curve.png`. Returns the summary dict.
     """
-    if algorithm not in RL_ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(RL_ALGORITHMS)}; got {algorithm!r}")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
     c = config or DemoConfig()
-    rl_config = c.rl_config(algorithm)
+    rl_config = c.rl_config(algorithm if algorithm in RL_ALGORITHMS else "ppo")
     out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     run_name = os.path.basename(os.path.normpath(out))
@@ -259,29 +280,46 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     # normalised on SFT samples, and a critic (PPO's) starts as a copy of it (Ouyang et al. 2022).
     samples = policy.generate(rm_prompts, max_new_tokens=c.max_new_tokens, temperature=rl_config.temperature)
     reward_fn = RewardModelSource(reward_policy).normalize(samples.prompts, samples.completions)
-    critic = reward_fn.as_critic() if rl_config.baseline == "critic" else None
-    policy = Policy.load(os.path.join(out, "sft"), reference="copy", critic=critic)
-    stage = OnlineRL(policy, task.rl_prompts(seed=c.seed), reward_fn, rl_config,
-                     gold_fn=CallableSource(judge), val_prompts=eval_prompts)
-    # Manual optimisation counts every optimiser step as a Trainer step.
-    updates = c.rl_iterations * rl_config.steps_per_iteration
-    trainer = make_trainer(out, algorithm, updates, val_check_interval=c.eval_every,
-                           check_val_every_n_epoch=None, **trainer_kw)
+    if algorithm in RL_ALGORITHMS:
+        critic = reward_fn.as_critic() if rl_config.baseline == "critic" else None
+        policy = Policy.load(os.path.join(out, "sft"), reference="copy", critic=critic)
+        stage = OnlineRL(policy, task.rl_prompts(seed=c.seed), reward_fn, rl_config,
+                         gold_fn=CallableSource(judge), val_prompts=eval_prompts)
+        # Manual optimisation counts every optimiser step as a Trainer step.
+        steps, stage_config = c.rl_iterations * rl_config.steps_per_iteration, rl_config
+        fit_kw = dict(val_check_interval=c.eval_every, check_val_every_n_epoch=None)
+    elif algorithm == "dpo":  # offline, on the gold-ranked pairs the reward model was trained on
+        policy = Policy.load(os.path.join(out, "sft"), reference="copy")
+        stage = DPO(policy, pairs[n_val:], pairs[:n_val], c.dpo)
+        steps, stage_config = c.dpo_steps, c.dpo
+        fit_kw = dict(val_check_interval=max(1, steps // 5), check_val_every_n_epoch=None)
+    else:  # online_dpo: fresh pairs from the current policy, ranked by the reward model
+        policy = Policy.load(os.path.join(out, "sft"), reference="copy")
+        stage = OnlineDPO(policy, task.rl_prompts(seed=c.seed), reward_fn, c.online_dpo,
+                          gold_fn=CallableSource(judge))
+        steps, stage_config, fit_kw = c.rl_iterations, c.online_dpo, {}
+    trainer = make_trainer(out, algorithm, steps, **fit_kw, **trainer_kw)
     trainer.fit(stage)
     finish_logger(trainer)
-    policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(rl_config)})
+    policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(stage_config)})
     after = greedy_completions(policy, eval_prompts, c.max_new_tokens)
     rl_acc = _mean(judge(eval_prompts, after))
-    last = stage.history[-1]
-    summary["rl"] = {"algorithm": algorithm, "gold_accuracy": rl_acc, "reward": last["train/reward"],
-                     "kl": last["train/kl"], "iterations": len(stage.history)}
-    echo(_table(algorithm, [("iterations", str(len(stage.history))),
-                            ("proxy reward (last)", f"{last['train/reward']:.3f}"),
-                            ("KL to reference (last)", f"{last['train/kl']:.3f} nats"),
+    # The same end-of-run measurement for every algorithm: proxy reward and KL to the SFT policy
+    # of samples on the eval prompts.
+    final = policy.generate(eval_prompts, max_new_tokens=c.max_new_tokens, temperature=1.0)
+    mask = final.response_mask.float()
+    reward = float(reward_fn(final.prompts, final.completions).mean())
+    kl = float((kl_k1(final.logprobs, policy.ref_logprobs(final.input_ids, final.attention_mask)) * mask)
+               .sum(1).mean())
+    summary["rl"] = {"algorithm": algorithm, "gold_accuracy": rl_acc, "reward": reward, "kl": kl,
+                     "steps": steps}
+    echo(_table(algorithm, [("optimiser steps", str(steps)),
+                            ("proxy reward (sampled, eval set)", f"{reward:.3f}"),
+                            ("KL to SFT policy (sampled)", f"{kl:.3f} nats"),
                             ("greedy gold accuracy", f"{sft_acc:.1%} → {rl_acc:.1%}")]))
     echo(_samples_table(eval_prompts, before, after, judge))
 
-    _plot(stage.history, os.path.join(out, "rl_curve.png"), algorithm, sft_acc)
+    _plot(getattr(stage, "history", []), os.path.join(out, "rl_curve.png"), algorithm, sft_acc, rl_acc)
     summary["seconds"] = time.perf_counter() - start
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -8,37 +8,38 @@ import pytest
 
 from rlhf_lab.cli import main
 
-STAGE_DIRS = ("pretrain", "sft", "reward_model", "ppo")
-
-
-def _check_run_folder(out):
-    for stage in STAGE_DIRS:
+def _check_run_folder(out, algorithm="ppo"):
+    for stage in ("pretrain", "sft", "reward_model", algorithm):
         for name in ("config.json", "model.safetensors", "tokenizer.json", "rlhf_lab_policy.json", "metrics.csv"):
             assert os.path.exists(os.path.join(out, stage, name)), f"{stage}/{name}"
     assert os.path.exists(os.path.join(out, "reward_model", "scalar_head.safetensors"))
-    assert os.path.isdir(os.path.join(out, "ppo", "critic"))
+    assert os.path.isdir(os.path.join(out, algorithm, "critic")) == (algorithm == "ppo")
     with open(os.path.join(out, "rl_curve.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    with open(os.path.join(out, "ppo", "metrics.csv")) as f:
-        header = next(csv.reader(f))
-    assert {"train/reward", "train/gold_reward", "train/kl", "val/gold_reward"} <= set(header)
+    with open(os.path.join(out, algorithm, "metrics.csv")) as f:
+        header = set(next(csv.reader(f)))
+    if algorithm == "dpo":
+        assert {"train/loss", "train/reward_margin", "train/reward_accuracy", "val/reward_accuracy"} <= header
+    else:
+        assert {"train/reward", "train/gold_reward", "train/kl"} <= header
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     assert set(summary) >= {"pretrain", "sft", "reward_model", "rl", "seconds"}
     assert "val_loss" in summary["pretrain"] and "gold_accuracy" in summary["sft"]
     assert "val_accuracy" in summary["reward_model"]
-    assert summary["rl"]["algorithm"] == "ppo"
+    assert summary["rl"]["algorithm"] == algorithm
     assert {"gold_accuracy", "reward", "kl"} <= set(summary["rl"])
     return summary
 
 
-def test_quick_demo_writes_the_run_folder(tmp_path, capsys):
+@pytest.mark.parametrize("algorithm", ["ppo", "trpo", "dpo", "online_dpo"])
+def test_quick_demo_writes_the_run_folder(tmp_path, capsys, algorithm):
     out = str(tmp_path / "run")
-    assert main(["demo", "--quick", "--no-progress", "--out", out]) == 0
-    summary = _check_run_folder(out)
+    assert main(["demo", "--quick", "--no-progress", "--out", out, "--algorithm", algorithm]) == 0
+    summary = _check_run_folder(out, algorithm)
     assert 0.0 <= summary["sft"]["gold_accuracy"] <= 1.0
     printed = capsys.readouterr().out
-    for title in ("== pretrain", "== sft", "== reward model", "== ppo", "== generations before and after RL"):
+    for title in ("== pretrain", "== sft", "== reward model", f"== {algorithm}", "== generations before and after RL"):
         assert title in printed
     assert f"wrote {out}/" in printed
 

@@ -269,13 +269,14 @@ def fisher_vector_product(
     """Closure v -> (H + damping I) v, H the Hessian of kl_fn() w.r.t. params (double backward).
 
     Formula: H v = grad_theta( grad_theta KL(theta)^T v ) with v held constant (Pearlmutter
-    1994), so F is never formed: one forward and two backward passes per product. At
+    1994), so F is never formed. The first call runs kl_fn() and keeps the graph of its
+    gradient; every product is then one more backward pass through it, so the closure is valid
+    while the parameters do not change (as during conjugate gradient). At
     theta = theta_old, with kl_fn built on mean_kl, H is the Fisher matrix estimated on the
     sampled tokens (see mean_kl). damping adds a multiple of the identity, which keeps the CG
     system well posed where F is singular (e.g. softmax logits are invariant to a shift) and
     shortens steps along poorly estimated directions.
-    ``kl_fn()`` must recompute the KL from the current parameter values, with a graph, on every
-    call.
+    ``kl_fn()`` must compute the KL from the current parameter values, with a graph.
     Reference: Schulman et al. 2015, "Trust Region Policy Optimization" (arXiv:1502.05477),
     Appendix C; Pearlmutter 1994, "Fast Exact Multiplication by the Hessian" (Neural
     Computation 6).
@@ -286,20 +287,23 @@ def fisher_vector_product(
     check_positive("damping", damping, allow_zero=True)
     n_params = sum(p.numel() for p in params)
 
+    cache: list[torch.Tensor] = []
+
     def fvp(v: torch.Tensor) -> torch.Tensor:
         check_ndim("v", v, 1, "(N,)")
         if v.numel() != n_params:
             raise ValueError(f"v must have {n_params} elements (all params), got {v.numel()}")
         v = v.detach()
-        kl = kl_fn()
-        grad_kl = flat_grad(kl, params, create_graph=True)
+        if not cache:
+            cache.append(flat_grad(kl_fn(), params, create_graph=True))
+        grad_kl = cache[0]
         grad_kl_v = torch.dot(grad_kl, v.to(grad_kl.dtype))
         if not grad_kl_v.requires_grad:
             # The KL gradient does not depend on params (e.g. KL linear or constant in them):
             # the Hessian is 0.
             hv = torch.zeros_like(grad_kl)
         else:
-            hv = flat_grad(grad_kl_v, params)
+            hv = flat_grad(grad_kl_v, params, retain_graph=True)
         return hv.detach() + damping * v
 
     return fvp
