@@ -29,7 +29,7 @@ def _demo(args: argparse.Namespace) -> int:
     config = DemoConfig(seed=args.seed)
     if args.quick:
         config.pretrain_steps, config.sft_steps, config.reward_steps, config.rl_iterations = 40, 20, 20, 4
-        config.dpo_steps = 4
+        config.dpo_steps, config.pair_samples = 4, 4
         config.eval_every = 2
     run_demo(out=args.out, config=config, logger=args.logger, algorithm=args.algorithm,
              progress=not args.no_progress)
