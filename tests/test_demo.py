@@ -8,6 +8,7 @@ import pytest
 
 from rlhf_lab.cli import main
 
+
 def _check_run_folder(out, algorithm="ppo"):
     for stage in ("pretrain", "sft", "reward_model", algorithm):
         for name in ("config.json", "model.safetensors", "tokenizer.json", "rlhf_lab_policy.json", "metrics.csv"):
