@@ -72,6 +72,22 @@ def _reference_log_ratios(
     )
 
 
+def _implicit_rewards(
+    variant: str,
+    beta: float,
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check beta and the inputs; return DPO's implicit rewards beta log pi/pi_ref, each (B,)."""
+    check_positive("beta", beta)
+    chosen_lr, rejected_lr = _reference_log_ratios(
+        variant, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    )
+    return beta * chosen_lr, beta * rejected_lr
+
+
 def _lengths(
     variant: str,
     policy_chosen_logps: torch.Tensor,
@@ -142,11 +158,9 @@ def dpo_sigmoid(
     Shape: policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (B,).
     Other keyword arguments are ignored. Returns (loss scalar, metrics).
     """
-    check_positive("beta", beta)
-    chosen_lr, rejected_lr = _reference_log_ratios(
-        "sigmoid", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen_rewards, rejected_rewards = _implicit_rewards(
+        "sigmoid", beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    chosen_rewards, rejected_rewards = beta * chosen_lr, beta * rejected_lr
     loss = -F.logsigmoid(chosen_rewards - rejected_rewards).mean()
     return loss, _metrics(loss, chosen_rewards, rejected_rewards)
 
@@ -209,11 +223,9 @@ def dpo_hinge(
     Shape: the four log-probs (B,). Other keyword arguments are ignored.
     Returns (loss scalar, metrics).
     """
-    check_positive("beta", beta)
-    chosen_lr, rejected_lr = _reference_log_ratios(
-        "hinge", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen_rewards, rejected_rewards = _implicit_rewards(
+        "hinge", beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    chosen_rewards, rejected_rewards = beta * chosen_lr, beta * rejected_lr
     loss = torch.relu(1.0 - (chosen_rewards - rejected_rewards)).mean()
     return loss, _metrics(loss, chosen_rewards, rejected_rewards)
 
@@ -244,12 +256,10 @@ def dpo_robust(
     Shape: the four log-probs (B,). Other keyword arguments are ignored.
     Returns (loss scalar, metrics).
     """
-    check_positive("beta", beta)
     _check_label_smoothing(label_smoothing, allow_half=True)
-    chosen_lr, rejected_lr = _reference_log_ratios(
-        "robust", policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    chosen_rewards, rejected_rewards = _implicit_rewards(
+        "robust", beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
     )
-    chosen_rewards, rejected_rewards = beta * chosen_lr, beta * rejected_lr
     h = chosen_rewards - rejected_rewards
     eps = label_smoothing
     loss = (-(1.0 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)).mean()
@@ -281,16 +291,15 @@ def dpo_robust_unbiased(
     Shape: the four log-probs (B,). Other keyword arguments are ignored.
     Returns (loss scalar, metrics).
     """
-    check_positive("beta", beta)
     _check_label_smoothing(label_smoothing, allow_half=False)
-    chosen_lr, rejected_lr = _reference_log_ratios(
+    chosen_rewards, rejected_rewards = _implicit_rewards(
         "robust_unbiased",
+        beta,
         policy_chosen_logps,
         policy_rejected_logps,
         ref_chosen_logps,
         ref_rejected_logps,
     )
-    chosen_rewards, rejected_rewards = beta * chosen_lr, beta * rejected_lr
     h = chosen_rewards - rejected_rewards
     eps = label_smoothing
     per_pair = (1.0 - eps) * -F.logsigmoid(h) - eps * -F.logsigmoid(-h)
