@@ -14,17 +14,21 @@ ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo", "dpo", "online_dpo")
 
 
 def _demo(args: argparse.Namespace) -> int:
-    # Quiet the libraries' start-up chatter so the demo's own tables stand out.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
     import warnings
 
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    from transformers.utils import logging as hf_logging
 
     from rlhf_lab.demo import DemoConfig, run_demo
+
+    # Quiet the libraries' start-up chatter so the demo's own tables stand out. Lightning sets
+    # its loggers' levels when it is imported, so this comes after the import.
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
     config = DemoConfig(seed=args.seed)
     if args.quick:
