@@ -18,6 +18,7 @@ training step is one iteration (Ouyang et al. 2022; Ziegler et al. 2019; Huang e
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -187,6 +188,10 @@ class OnlineRL(L.LightningModule):
         reward_fn: the proxy reward source, `(prompts, completions) -> Tensor (B,)`.
         gold_fn: optional gold judge logged beside the proxy (`train/gold_reward`).
         val_prompts: prompts for greedy evaluation (`val/reward`, `val/gold_reward`, `val/kl`).
+        replay: a saved `RolloutBuffer` (with `scores`) to train on instead of sampling: every
+            iteration re-reads the same rollouts, so one fixed set of samples can go through
+            PPO, RLOO, GRPO and REINFORCE for a controlled ablation. Its rows must come in
+            groups of `samples_per_prompt`.
     """
 
     config_class = OnlineRLConfig
@@ -199,6 +204,7 @@ class OnlineRL(L.LightningModule):
         config: OnlineRLConfig | None = None,
         gold_fn: RewardFn | None = None,
         val_prompts: list[str] | None = None,
+        replay: RolloutBuffer | None = None,
     ):
         super().__init__()
         self.config = config or OnlineRLConfig()
@@ -213,6 +219,14 @@ class OnlineRL(L.LightningModule):
                              "head would share the trunk that the trust-region step moves")
         self.policy = policy.disable_dropout()
         self.prompts, self.val_prompts = list(prompts), list(val_prompts or [])
+        self.replay = replay
+        if replay is not None:
+            data = replay.data
+            if data.scores is None:
+                raise ValueError("replay buffer has no scores: save rollouts after they were scored")
+            if len(data) % self.config.samples_per_prompt:
+                raise ValueError(f"replay buffer has {len(data)} rows, not a multiple of "
+                                 f"samples_per_prompt={self.config.samples_per_prompt}")
         self.reward_fn, self.gold_fn = reward_fn, gold_fn
         c = self.config
         self.kl_ctl = (
@@ -234,16 +248,29 @@ class OnlineRL(L.LightningModule):
         rollout = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                   top_p=c.top_p, samples_per_prompt=c.samples_per_prompt)
         device = rollout.input_ids.device
-        scores = self.reward_fn(rollout.prompts, rollout.completions).to(device).float()
+        rollout.scores = self.reward_fn(rollout.prompts, rollout.completions).to(device).float()
         self.budget.reward_calls += len(rollout)
         if self.gold_fn is not None:
             rollout.gold_scores = self.gold_fn(rollout.prompts, rollout.completions).to(device).float()
-        rollout.scores = scores
+        return self.annotate(rollout)
+
+    @torch.no_grad()
+    def annotate(self, rollout: Rollout) -> Rollout:
+        """Reference log-probs (if missing), values and per-token rewards under this config.
+
+        Works on fresh rollouts and on replayed ones: a stored rollout keeps its tokens, its
+        sampling log-probs (the `old_logprobs` of the update) and its scores, and each
+        algorithm builds its own rewards and advantages from them.
+        """
+        c, policy = self.config, self.policy
+        device = rollout.input_ids.device
+        scores = rollout.scores
         if c.missing_eos_penalty:
             scores = scores - c.missing_eos_penalty * (~rollout.ended_with_eos).float()
         ids, attn = rollout.input_ids, rollout.attention_mask
         mask = rollout.response_mask.float()
-        rollout.ref_logprobs = policy.ref_logprobs(ids, attn, c.temperature)
+        if rollout.ref_logprobs is None:
+            rollout.ref_logprobs = policy.ref_logprobs(ids, attn, c.temperature)
         if c.baseline == "critic":
             rollout.values = policy.values(ids, attn) * mask
         rewards = torch.zeros_like(mask)
@@ -259,7 +286,10 @@ class OnlineRL(L.LightningModule):
     def training_step(self, prompts: list[str], batch_idx: int) -> None:
         c = self.config
         optimizer = self.optimizers()
-        rollout = self.make_rollout(prompts)
+        if self.replay is None:
+            rollout = self.make_rollout(prompts)
+        else:  # the same stored rollouts every iteration: no sampling, no reward calls
+            rollout = self.annotate(dataclasses.replace(self.replay.data).to(self.device))
         self.buffer.clear()
         self.buffer.add(rollout)
         estimator = "gae" if c.baseline == "critic" else c.baseline

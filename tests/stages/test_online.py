@@ -1,6 +1,7 @@
 """The online loop: presets are only defaults, every knob changes the update, metric names line up."""
 
 import csv
+import dataclasses
 
 import lightning as L
 import pytest
@@ -146,3 +147,61 @@ def test_trpo_with_a_value_head_is_refused(make_policy, task):
     config = OnlineRLConfig(update="trpo")
     with pytest.raises(ValueError, match="needs a separate critic"):
         OnlineRL(make_policy(scalar_head=True, reference="copy"), task.rl_prompts(), CallableSource(_chars), config)
+
+
+def test_replaying_one_saved_buffer_through_different_losses(make_policy, task, tmp_path):
+    from rlhf_lab.rollout import RolloutBuffer
+
+    # 1. Sample and score once, then save the rollouts.
+    sampler = OnlineRL(make_policy(seed=0, reference="copy"), task.rl_prompts(), CallableSource(_chars),
+                       OnlineRLConfig(**{**SMALL, "baseline": "batch_mean"}))
+    torch.manual_seed(0)
+    buffer = RolloutBuffer(sampler.policy.tokenizer.pad_token_id)
+    buffer.add(sampler.make_rollout(task.rl_prompts()[:4]))
+    buffer.save(str(tmp_path / "rollouts.pt"))
+
+    # 2. Train fresh copies of the same policy on those rollouts with four algorithms.
+    start = torch.cat([p.detach().flatten() for p in make_policy(seed=0).model.parameters()])
+    moved = {}
+    for name in ("ppo", "reinforce", "rloo", "grpo"):
+        config = OnlineRLConfig.preset(name, **{**SMALL, **{k: v for k, v in PRESETS[name].items()
+                                                            if k not in ("samples_per_prompt",)},
+                                                "samples_per_prompt": 2})
+        policy = make_policy(seed=0, scalar_head=config.baseline == "critic", reference="copy")
+
+        def no_sampling(*args, **kwargs):
+            raise AssertionError("a replayed run must not sample")
+
+        policy.generate = no_sampling
+        stage = OnlineRL(policy, task.rl_prompts(), CallableSource(_chars), config,
+                         replay=RolloutBuffer.load(str(tmp_path / "rollouts.pt"), policy.tokenizer.pad_token_id))
+        trainer = L.Trainer(max_steps=2 * config.steps_per_iteration, max_epochs=-1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            accelerator="cpu")
+        trainer.fit(stage)
+        assert stage.budget.samples == 2 * len(buffer) and stage.budget.reward_calls == 0
+        moved[name] = torch.cat([p.detach().flatten() for p in policy.model.parameters()]) - start
+    # The same samples give a different update under each loss.
+    names = sorted(moved)
+    for i, a in enumerate(names):
+        assert moved[a].norm() > 0
+        for b in names[i + 1:]:
+            assert not torch.allclose(moved[a], moved[b]), (a, b)
+
+
+def test_replay_needs_scores_and_whole_groups(make_policy, task, tmp_path):
+    from rlhf_lab.rollout import RolloutBuffer
+
+    sampler = OnlineRL(make_policy(seed=0, reference="copy"), task.rl_prompts(), CallableSource(_chars),
+                       OnlineRLConfig(**{**SMALL, "baseline": "batch_mean", "samples_per_prompt": 1}))
+    rollout = sampler.make_rollout(task.rl_prompts()[:3])
+    buffer = RolloutBuffer(0)
+    buffer.add(rollout)
+    with pytest.raises(ValueError, match="not a multiple of samples_per_prompt=2"):
+        OnlineRL(make_policy(reference="copy"), [], CallableSource(_chars), OnlineRLConfig.preset("rloo", samples_per_prompt=2),
+                 replay=buffer)
+    unscored = RolloutBuffer(0)
+    unscored.add(dataclasses.replace(rollout, scores=None))
+    with pytest.raises(ValueError, match="no scores"):
+        OnlineRL(make_policy(reference="copy"), [], CallableSource(_chars), OnlineRLConfig.preset("reinforce"),
+                 replay=unscored)
