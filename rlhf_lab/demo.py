@@ -64,9 +64,9 @@ class DemoConfig:
     # ... and each one's own settings on top of its preset.
     rl_overrides: dict = field(default_factory=lambda: {
         "ppo": dict(lr=2e-4, critic_lr=1e-3, ppo_epochs=2, minibatches=4, vf_coef=0.1),
-        "reinforce": dict(lr=5e-4, minibatches=4),
-        "rloo": dict(lr=5e-4, minibatches=4),
-        "grpo": dict(lr=5e-4, minibatches=4),
+        "reinforce": dict(lr=1e-4, minibatches=4),
+        "rloo": dict(lr=1e-4, minibatches=4),
+        "grpo": dict(lr=1e-4, minibatches=4),
         # Each Fisher-vector product is a double backward over the batch (~1 s for 256 samples
         # here), so TRPO takes a quarter of the batch and 5 CG iterations.
         "trpo": dict(max_kl=0.01, prompts_per_step=16, cg_iters=5),
