@@ -7,9 +7,7 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from rlhf_lab.checks import check_choice, check_positive, check_unit_interval
-
-__all__ = ["Budget", "SavePolicy", "adamw", "check_choice", "check_positive", "check_unit_interval"]
+__all__ = ["Budget", "SavePolicy", "adamw"]
 
 
 def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):

@@ -19,10 +19,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lab.checks import check_choice, check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
 from rlhf_lab.losses import DPO_LOSSES, kl_k1, preference_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw, check_choice, check_positive
+from rlhf_lab.stages.common import Budget, adamw
 
 REFERENCE_FREE = ("simpo",)
 

@@ -14,10 +14,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PackedTextDataset, SFTDataset, pad_collate
 from rlhf_lab.losses import lm_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw, check_positive
+from rlhf_lab.stages.common import Budget, adamw
 
 
 @dataclass

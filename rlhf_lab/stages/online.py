@@ -27,6 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from rlhf_lab.checks import check_choice, check_positive, check_unit_interval
 from rlhf_lab.losses import (
     BASELINES,
     KL_ESTIMATORS,
@@ -44,7 +45,7 @@ from rlhf_lab.losses import (
 )
 from rlhf_lab.policy import Policy
 from rlhf_lab.rollout import Rollout, RolloutBuffer
-from rlhf_lab.stages.common import Budget, check_choice, check_positive, check_unit_interval
+from rlhf_lab.stages.common import Budget
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 

@@ -9,10 +9,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
 from rlhf_lab.losses import bradley_terry_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw, check_positive
+from rlhf_lab.stages.common import Budget, adamw
 
 
 @dataclass
