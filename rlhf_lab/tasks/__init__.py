@@ -1,10 +1,11 @@
 """Built-in tasks: each ships its data, prompts and a gold judge, generated from a seed."""
 
+from rlhf_lab.tasks.alice import AliceTask
 from rlhf_lab.tasks.arithmetic import ArithmeticTask
 
-__all__ = ["TASKS", "ArithmeticTask", "get_task"]
+__all__ = ["TASKS", "AliceTask", "ArithmeticTask", "get_task"]
 
-TASKS: dict[str, type] = {"arithmetic": ArithmeticTask}
+TASKS: dict[str, type] = {"arithmetic": ArithmeticTask, "alice": AliceTask}
 
 
 def get_task(name: str, **kwargs):

@@ -205,8 +205,10 @@ def test_tokenizer_texts_contain_every_prompt_and_answer(task):
 
 
 def test_registry():
-    assert TASKS == {"arithmetic": ArithmeticTask}
+    from rlhf_lab.tasks.alice import AliceTask
+
+    assert TASKS == {"arithmetic": ArithmeticTask, "alice": AliceTask}
     assert get_task("arithmetic").name == "arithmetic"
     assert get_task("arithmetic", val_fraction=0.5).val_fraction == 0.5
-    with pytest.raises(ValueError, match=r"^unknown task 'x'; choose from: arithmetic$"):
+    with pytest.raises(ValueError, match=r"^unknown task 'x'; choose from: alice, arithmetic$"):
         get_task("x")
