@@ -1,21 +1,46 @@
-"""Tokenizers: train a small byte-level BPE from a task's text, or load one from a folder or the hub.
+"""Tokenizers: train a byte-level BPE from a task's text, or load one from a folder or the hub.
 
 Nothing here downloads anything unless given a hub name and a network; tests and the demo use
-`train_bpe_tokenizer` or local folders.
+`train_bpe_tokenizer` or local folders. This module also holds the offline-aware hub lookup that
+`rlhf_lab.models.backbones` shares (`from_cache_or_hub`, `hub_unreachable_reason`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterable, Sequence
+import socket
+import threading
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-__all__ = ["train_bpe_tokenizer", "load_tokenizer"]
+__all__ = [
+    "PAD_TOKEN",
+    "ensure_pad_token",
+    "from_cache_or_hub",
+    "hub_unreachable_reason",
+    "load_tokenizer",
+    "looks_like_path",
+    "train_bpe_tokenizer",
+]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Byte-level BPE always keeps all 256 byte symbols, so any string round-trips exactly.
 _BYTE_ALPHABET = pre_tokenizers.ByteLevel.alphabet()
+
+# Added as the pad token when a tokenizer has neither a pad nor an EOS token.
+PAD_TOKEN = "<|pad|>"
+
+# How long the connectivity probe waits for the hub before calling the machine offline.
+HUB_PROBE_TIMEOUT_S = 1.5
 
 
 def train_bpe_tokenizer(
@@ -80,68 +105,183 @@ def train_bpe_tokenizer(
     )
 
 
-def _offline() -> bool:
-    # Read at call time: huggingface_hub reads HF_HUB_OFFLINE once, at import.
-    return any(
-        os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}
-        for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Give `tokenizer` a pad token if it has none; return True when the vocabulary grew.
+
+    - A pad token already set: nothing changes.
+    - No pad but an EOS token (GPT-2, Llama): `pad_token = eos_token`. The vocabulary is unchanged,
+      so a model built for the tokenizer still fits it.
+    - Neither: a new special token `PAD_TOKEN` ("<|pad|>") is added, a warning is logged, and the
+      function returns True: the vocabulary is one larger, so a pretrained model must be resized
+      with `model.resize_token_embeddings(len(tokenizer))` before use.
+
+    Pad positions are always masked out by `attention_mask`, so losses must mask by
+    `attention_mask`/`response_mask`, never by `input_ids == pad_token_id`: with pad = EOS that
+    would drop the EOS a response ends with. Which side to pad on is not set here: `Policy` pads
+    prompts on the left itself (`padding_side="left"` per call), and collators pad on the right.
+    """
+    if tokenizer.pad_token is not None:
+        return False
+    if tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+        return False
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    log.warning(
+        "tokenizer %r had neither a pad nor an EOS token: added %r as pad token (id %d); its "
+        "vocabulary is now %d, so resize a pretrained model's embeddings to match",
+        getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        PAD_TOKEN,
+        tokenizer.pad_token_id,
+        len(tokenizer),
     )
+    return True
 
 
 def load_tokenizer(path_or_name: str, **kwargs) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local folder or, given a network, a Hugging Face Hub name.
 
-    A tokenizer without a pad token (GPT-2) gets `pad_token = eos_token`: batched generation and
-    training need some pad id, and every pad position is masked out by `attention_mask`. Losses
-    must therefore mask by `attention_mask`/`response_mask`, never by `input_ids == pad_token_id`,
-    or the EOS a response ends with would be dropped too.
+    The result always has a pad token (see `ensure_pad_token`): a tokenizer without one (GPT-2)
+    gets `pad_token = eos_token`; one with neither pad nor EOS gets a new "<|pad|>" special token,
+    which grows its vocabulary by one and logs a warning saying so.
 
-    A string that looks like a path ("./x", "/x", "a/b/c") but is no directory fails at once. Any
-    other name is a hub id: looked up in the local HF cache first, then on the hub (skipped when
-    `HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` is set, read at call time). Without a network and
-    without those variables, huggingface_hub retries with backoff for about a minute before it
-    gives up. Every failure to find the tokenizer is one `OSError` naming `path_or_name`.
+    A string that looks like a path ("./x", "/x", "~/x", "a/b/c") but is no directory fails at
+    once. Any other name is a hub id: looked up in the local HF cache first (no network needed),
+    then on the hub, but only when the hub is reachable: with `HF_HUB_OFFLINE` or
+    `TRANSFORMERS_OFFLINE` set (read at call time), or when a TCP connect to the hub fails within
+    about a second and a half, it fails at once instead of retrying for a minute. Every failure to
+    find the tokenizer is a single `OSError` naming `path_or_name` and saying why.
 
     Args:
         path_or_name: a folder written by `save_pretrained`, or a hub repo id such as "gpt2".
-        **kwargs: passed to `AutoTokenizer.from_pretrained`.
+        **kwargs: passed to `AutoTokenizer.from_pretrained` (`local_files_only=True` forbids the
+            hub even with a network).
     """
     path = os.path.expanduser(path_or_name)
     if os.path.isdir(path):
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
-    elif _looks_like_path(path_or_name):
+    elif looks_like_path(path_or_name):
         # A hub id is "name" or "org/name"; anything else is a mistyped path, so say so at once
         # instead of waiting on the hub.
         raise OSError(f"tokenizer folder {path_or_name!r} does not exist")
     else:
-        tok = _from_cache_or_hub(path_or_name, **kwargs)
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
+        local_only = kwargs.pop("local_files_only", False)
+        tok = from_cache_or_hub(
+            lambda local: AutoTokenizer.from_pretrained(
+                path_or_name, local_files_only=local, **kwargs
+            ),
+            path_or_name,
+            what="tokenizer",
+            local_files_only=local_only,
+            cache_dir=kwargs.get("cache_dir"),
+        )
+    ensure_pad_token(tok)
     return tok
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
+    """Whether `name` can only be a filesystem path, never a hub id ("name" or "org/name")."""
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
 
 
-def _from_cache_or_hub(name: str, **kwargs) -> PreTrainedTokenizerBase:
-    local_only = kwargs.pop("local_files_only", False)
+def offline_env() -> str | None:
+    """The offline variable that is set ("HF_HUB_OFFLINE" or "TRANSFORMERS_OFFLINE"), or None.
+
+    Read at call time: huggingface_hub reads `HF_HUB_OFFLINE` only once, at import.
+    """
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(var, "").strip().upper() in {"1", "ON", "YES", "TRUE"}:
+            return var
+    return None
+
+
+def _hub_address() -> tuple[str, int]:
+    """(host, port) a hub request would first connect to: the HTTPS proxy if any, else the hub."""
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = endpoint.hostname or "huggingface.co"
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    proxy = urllib.request.getproxies().get(endpoint.scheme or "https")
+    if proxy and not urllib.request.proxy_bypass(host):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        if parts.hostname:
+            return parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    return host, port
+
+
+def hub_unreachable_reason(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when the Hugging Face Hub looks reachable, else a short reason why not.
+
+    Offline when `HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE` is set, or when a TCP connect to the
+    hub (`HF_ENDPOINT`, default huggingface.co:443, or the HTTPS proxy in the environment) does
+    not succeed within `timeout` seconds. The probe runs in a daemon thread joined with the same
+    bound, so a stuck DNS lookup cannot hold the caller either: this returns within about
+    `timeout` seconds, and at once where the sandbox refuses connections or name lookups.
+    """
+    var = offline_env()
+    if var is not None:
+        return f"{var} is set"
+    host, port = _hub_address()
+    outcome: dict[str, object] = {}
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout):
+                outcome["ok"] = True
+        except Exception as err:  # any failure means "not reachable"
+            outcome["error"] = err
+
+    thread = threading.Thread(target=probe, name="rlhf-lab-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if outcome.get("ok"):
+        return None
+    err = outcome.get("error")
+    detail = f"{type(err).__name__}: {err}" if err is not None else f"no answer in {timeout:g} s"
+    return f"no network (could not connect to {host}:{port}: {detail})"
+
+
+def _cache_hint(name: str, cache_dir: str | None) -> str:
+    """'not in the Hugging Face cache (<dir>)', or 'incomplete in ...' when the repo is there."""
+    from huggingface_hub import constants
+
+    root = cache_dir or constants.HF_HUB_CACHE
+    cached = os.path.isdir(os.path.join(root, "models--" + name.replace("/", "--")))
+    return f"{'incomplete' if cached else 'not'} in the Hugging Face cache ({root})"
+
+
+def from_cache_or_hub(
+    load: Callable[[bool], T],
+    name: str,
+    what: str,
+    local_files_only: bool = False,
+    cache_dir: str | None = None,
+    extra_hint: str = "",
+) -> T:
+    """Load a hub id from the local HF cache, else from the hub when it can be reached.
+
+    `load(local_files_only)` does the actual `from_pretrained` call. It is first called with True
+    (a cache hit needs no network, so a user who downloaded once works offline), then, only when
+    `local_files_only` is False and `hub_unreachable_reason()` finds the hub reachable, with False.
+    Every failure is raised as one `OSError` (no chained traceback) that names `what` and `name`,
+    says it was not found locally, and why the hub could not help; `extra_hint` is appended.
+    """
+    suffix = f"; {extra_hint}" if extra_hint else ""
     try:
-        # A cache hit needs no network at all, so a user who downloaded once works offline.
-        return AutoTokenizer.from_pretrained(name, local_files_only=True, **kwargs)
-    except (OSError, ValueError) as cache_err:
-        if local_only or _offline():
-            why = "local_files_only=True" if local_only else "HF_HUB_OFFLINE is set"
-            raise OSError(
-                f"tokenizer {name!r} was not found locally (no such directory, not in the Hugging "
-                f"Face cache) and the hub could not be reached: {why}"
-            ) from cache_err
+        return load(True)
+    except (OSError, ValueError):
+        pass  # not cached (or incomplete): try the hub below, if allowed
+    where = f"no such folder, {_cache_hint(name, cache_dir)}"
+    reason = "local_files_only=True" if local_files_only else hub_unreachable_reason()
+    if reason is not None:
+        raise OSError(
+            f"{what} {name!r} was not found locally ({where}) and the hub could not be "
+            f"reached: {reason}{suffix}"
+        ) from None
     try:
-        return AutoTokenizer.from_pretrained(name, **kwargs)
+        return load(False)
     except (OSError, ValueError) as hub_err:
         lines = str(hub_err).strip().splitlines()
-        reason = lines[0] if lines else type(hub_err).__name__
+        first = lines[0] if lines else type(hub_err).__name__
         raise OSError(
-            f"tokenizer {name!r} was not found locally (no such directory, not in the Hugging "
-            f"Face cache) and could not be loaded from the hub: {reason}"
-        ) from hub_err
+            f"{what} {name!r} was not found locally ({where}) and could not be loaded from "
+            f"the hub: {first}{suffix}"
+        ) from None

@@ -1,10 +1,20 @@
+import logging
+import socket
 import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
+from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
 
-from rlhf_lab.models.tokenizer import load_tokenizer, train_bpe_tokenizer
+from rlhf_lab.models.tokenizer import (
+    PAD_TOKEN,
+    ensure_pad_token,
+    hub_unreachable_reason,
+    load_tokenizer,
+    train_bpe_tokenizer,
+)
 from rlhf_lab.tasks import ArithmeticTask
 
 # ../shared/data beside the checkout: real files for tests, absent on users' machines.
@@ -123,4 +133,97 @@ def test_missing_local_path_fails_without_asking_the_hub(monkeypatch, tmp_path):
     start = time.monotonic()
     with pytest.raises(OSError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing"))
+    assert time.monotonic() - start < 5
+
+
+# --------------------------------------------------------------------------- pad tokens, offline
+
+
+def _bare_tokenizer(tok) -> PreTrainedTokenizerFast:
+    """The same vocabulary with no special tokens declared (no pad, no eos)."""
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    return PreTrainedTokenizerFast(tokenizer_object=backend)
+
+
+def test_ensure_pad_token_keeps_an_existing_pad(tok):
+    assert ensure_pad_token(tok) is False
+    assert tok.pad_token == EOS
+
+
+def test_ensure_pad_token_uses_eos_when_there_is_no_pad(tok):
+    bare = _bare_tokenizer(tok)
+    bare.eos_token = EOS
+    size = len(bare)
+    assert ensure_pad_token(bare) is False
+    assert bare.pad_token == EOS and bare.pad_token_id == bare.eos_token_id
+    assert len(bare) == size
+
+
+def test_ensure_pad_token_adds_a_pad_token_and_says_so(tok, caplog):
+    bare = _bare_tokenizer(tok)
+    assert bare.pad_token is None and bare.eos_token is None
+    size = len(bare)
+    with caplog.at_level(logging.WARNING, logger="rlhf_lab.models.tokenizer"):
+        assert ensure_pad_token(bare) is True
+    assert bare.pad_token == PAD_TOKEN == "<|pad|>"
+    assert len(bare) == size + 1 and bare.pad_token_id == size
+    assert "added '<|pad|>' as pad token" in caplog.text and "resize" in caplog.text
+    assert bare.encode(PAD_TOKEN) == [bare.pad_token_id]  # one special token, never split
+
+
+def test_load_tokenizer_adds_pad_to_a_folder_without_pad_or_eos(tok, tmp_path, caplog):
+    _bare_tokenizer(tok).save_pretrained(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="rlhf_lab.models.tokenizer"):
+        loaded = load_tokenizer(str(tmp_path))
+    assert loaded.pad_token == PAD_TOKEN and len(loaded) == len(tok) + 1
+    assert "<|pad|>" in caplog.text
+
+
+def test_local_gpt2_pads_on_the_left_for_generation():
+    if not GPT2_DIR.is_dir():
+        pytest.skip("../shared/data/gpt2-tokenizer not present")
+    tok = load_tokenizer(str(GPT2_DIR))
+    # Policy pads prompts on the left per call; the pad id is EOS and the mask hides it.
+    enc = tok(["Hello world", "Hi"], padding=True, padding_side="left")
+    assert enc["input_ids"][1][0] == tok.eos_token_id == tok.pad_token_id
+    assert enc["attention_mask"] == [[1, 1], [0, 1]]
+
+
+def test_hub_name_without_network_fails_fast_with_one_clear_error(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise OSError("network disabled by the test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    # huggingface_hub read HF_HUB_OFFLINE at import; switch it off so a stray request would retry.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    start = time.monotonic()
+    with pytest.raises(OSError) as info:
+        load_tokenizer("some-org/some-tokenizer")
+    elapsed = time.monotonic() - start
+    message = str(info.value)
+    assert "'some-org/some-tokenizer'" in message
+    assert "not found locally" in message and "no network" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert elapsed < 10, f"offline failure took {elapsed:.1f} s"
+
+
+def test_hub_probe_reports_offline_variable(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    assert hub_unreachable_reason() == "TRANSFORMERS_OFFLINE is set"
+
+
+def test_hub_probe_is_bounded_when_the_connection_hangs(monkeypatch):
+    def hang(*args, **kwargs):
+        time.sleep(30)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", hang)
+    start = time.monotonic()
+    reason = hub_unreachable_reason(timeout=0.2)
+    assert reason is not None and "no network" in reason
     assert time.monotonic() - start < 5
