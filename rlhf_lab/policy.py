@@ -1,8 +1,13 @@
 """The Policy: the one door to a model, shared by every stage.
 
-It wraps any Hugging Face causal LM and its tokenizer, with an optional scalar head (a PPO
-critic's value head, or a reward model's score head) and an optional frozen reference copy.
-Stages never call the model themselves; the Policy never knows which algorithm uses it.
+It wraps any Hugging Face causal LM and its tokenizer, with an optional LoRA adapter, an optional
+scalar head (a PPO critic's value head, or a reward model's score head), an optional reference
+and an optional critic. Stages never call the model themselves; the Policy never knows which
+algorithm uses it.
+
+With a LoRA adapter (`lora=LoraSettings(...)`) one frozen base serves everything: the policy is
+base + adapter "default", the reference is the same base with the adapter disabled, and a PPO
+critic (`critic="adapter"`) is base + adapter "critic" + a value head. Nothing is copied.
 
 Alignment convention (see `rlhf_lab.rollout`): per-token outputs are `(B, T)` over the whole
 sequence and column t refers to token t — `logprobs[:, t] = log π(x_t | x_<t)` and
@@ -18,16 +23,33 @@ import json
 import os
 
 import torch
+from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_lab.models.lora import (
+    LoraSettings,
+    adapter_is_zero,
+    adapter_parameters,
+    add_adapter,
+    apply_lora,
+    base_state_dict,
+    copy_adapter,
+    load_adapter,
+)
+from rlhf_lab.models.lora import save_adapter as write_adapter
 from rlhf_lab.models.tokenizer import load_tokenizer
 from rlhf_lab.rollout import Rollout
 
 HEAD_FILE = "scalar_head.safetensors"
 POLICY_FILE = "rlhf_lab_policy.json"
 CRITIC_DIR = "critic"
+BASE_DIR = "base"  # a LoRA policy's base model, inside its folder
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+CRITIC_ADAPTER = "critic"  # the PPO critic's adapter on the policy's base
+REFERENCE_ADAPTER = "reference"  # a frozen copy of a non-zero initial policy adapter
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -45,19 +67,68 @@ def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return logits.masked_fill(drop, float("-inf"))
 
 
+def _new_head(hidden: int) -> nn.Linear:
+    head = nn.Linear(hidden, 1)
+    # A small init keeps the first values/scores near 0, so early updates are sane.
+    nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+def _save_head(head: nn.Linear, file: str) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, file)
+
+
+def _read_meta(path: str) -> dict:
+    meta_path = os.path.join(path, POLICY_FILE)
+    if not os.path.exists(meta_path):
+        return {}
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def _load_base(path: str, meta: dict) -> PreTrainedModel:
+    """The base model of the LoRA folder `path`: its `base/`, else the folder its metadata names,
+    else (for a folder peft wrote) the local `base_model_name_or_path` of its adapter config."""
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        peft_named = json.load(f).get("base_model_name_or_path") or ""
+    named = meta.get("base_model")
+    candidates = [os.path.join(path, BASE_DIR), os.path.join(path, named) if named else "", peft_named]
+    for base_dir in candidates:
+        if base_dir and os.path.isdir(base_dir):
+            return AutoModelForCausalLM.from_pretrained(base_dir)
+    raise OSError(f"LoRA policy '{path}' has no base model: no '{BASE_DIR}/' inside it, and neither the folder "
+                  f"its metadata names ({named!r}) nor its adapter's base ({peft_named!r}) exists")
+
+
+def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
+    for p, flag in flags:
+        p.requires_grad_(flag)
+
+
 class Policy(nn.Module):
     """A causal LM with generation, log-probs, values and a reference, behind one interface.
 
     Args:
-        model: any Hugging Face causal LM (`AutoModelForCausalLM`).
+        model: any Hugging Face causal LM (`AutoModelForCausalLM`), or one already wrapped with a
+            LoRA adapter (a `peft.PeftModel`: its active adapter becomes the policy's adapter).
         tokenizer: its tokenizer; a missing pad token is set to EOS.
         scalar_head: add a linear head on the last hidden state, read per token by `values`
             (PPO's critic) or at the last real token by `scores` (a reward model).
-        reference: "copy" keeps a frozen copy of the initial weights for `ref_logprobs`;
-            None keeps no reference.
-        critic: a separate value model (a `Policy` with a scalar head, e.g. loaded from a reward
-            model as in Ouyang et al. 2022) used by `values` instead of a head on this model.
-            It must share the tokenizer. Its gradients then never reach the policy's weights.
+        reference: the frozen policy `ref_logprobs` scores against.
+            "copy": the policy as constructed. Without an adapter, a frozen copy of the weights.
+            With one, no base weight is copied: a fresh adapter (B = 0) changes nothing, so the
+            adapter-disabled base *is* the initial policy; a loaded, trained adapter gets a
+            frozen copy of the adapter alone (adapter "reference") on the same base.
+            "base": the adapter-disabled base, whatever the adapter holds (needs an adapter).
+            None: no reference.
+        critic: where `values` come from instead of a head on this model. A `Policy` with a
+            scalar head (its own model, e.g. loaded from a reward model as in Ouyang et al. 2022;
+            it must share the tokenizer), or "adapter": a second LoRA adapter ("critic") on this
+            policy's frozen base with its own value head (needs an adapter). Either way the value
+            loss never reaches the policy's weights; `critic_parameters()` lists the critic's.
+        lora: wrap `model` with a fresh LoRA adapter (Hu et al. 2021); the base weights are then
+            frozen and only the adapters and the heads train.
     """
 
     def __init__(
@@ -66,71 +137,206 @@ class Policy(nn.Module):
         tokenizer: PreTrainedTokenizerBase,
         scalar_head: bool = False,
         reference: str | None = None,
-        critic: Policy | None = None,
+        critic: Policy | str | None = None,
+        lora: LoraSettings | None = None,
     ):
         super().__init__()
-        if reference not in (None, "copy"):
-            raise ValueError(f"reference must be None or 'copy', got {reference!r}")
-        if critic is not None:
+        if reference not in (None, "copy", "base"):
+            raise ValueError(f"reference must be None, 'copy' or 'base', got {reference!r}")
+        if isinstance(critic, str) and critic != "adapter":
+            raise ValueError(f"critic must be a Policy, 'adapter' or None, got {critic!r}")
+        if isinstance(critic, Policy):
             critic._require_head("values")
             if critic.tokenizer.get_vocab() != tokenizer.get_vocab():
                 raise ValueError("critic must use the same tokenizer (vocabulary) as the policy")
+        if lora is not None:
+            model = apply_lora(model, lora)
+        adapter = model.active_adapter if isinstance(model, PeftModel) else None
+        if adapter is None and reference == "base":
+            raise ValueError("reference='base' is the adapter-disabled base and needs a LoRA adapter "
+                             "(lora=LoraSettings()); use reference='copy' for a frozen copy")
+        if adapter is None and critic == "adapter":
+            raise ValueError("critic='adapter' needs a LoRA adapter on the policy (lora=LoraSettings())")
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.model = model
         self.tokenizer = tokenizer
+        self.adapter_name: str | None = adapter  # the policy's LoRA adapter, None = full fine-tuning
         hidden = model.config.get_text_config().hidden_size
-        self.scalar_head = nn.Linear(hidden, 1) if scalar_head else None
-        if self.scalar_head is not None:
-            # A small init keeps the first values/scores near 0, so early updates are sane.
-            nn.init.normal_(self.scalar_head.weight, std=1.0 / (hidden + 1) ** 0.5)
-            nn.init.zeros_(self.scalar_head.bias)
-        self.reference: PreTrainedModel | None = None
-        if reference == "copy":
+        self.scalar_head = _new_head(hidden) if scalar_head else None
+        self.critic: Policy | None = critic if isinstance(critic, Policy) else None
+        self.critic_adapter: str | None = None
+        self.critic_head: nn.Linear | None = None  # the value head read on the critic adapter's states
+        if critic == "adapter":
+            if CRITIC_ADAPTER not in model.peft_config:
+                add_adapter(model, CRITIC_ADAPTER, like=adapter)
+            self.critic_adapter = CRITIC_ADAPTER
+            self.critic_head = _new_head(hidden)
+        self.reference_mode = reference
+        self.reference: PreTrainedModel | None = None  # the frozen copy, when the reference is one
+        self._reference_adapter: str | None = None  # with an adapter: None runs the base, adapters off
+        if reference == "copy" and adapter is None:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        self.critic = critic
+        elif reference == "copy" and not adapter_is_zero(model, adapter):
+            copy_adapter(model, adapter, REFERENCE_ADAPTER)
+            self._reference_adapter = REFERENCE_ADAPTER
+        if adapter is not None:
+            # The base (and a reference adapter) stay frozen; the policy and critic adapters train.
+            model.requires_grad_(False)
+            for name in (adapter, self.critic_adapter):
+                if name is not None:
+                    for p in adapter_parameters(model, name):
+                        p.requires_grad_(True)
 
     # ------------------------------------------------------------------ construction / io
     @classmethod
     def load(cls, path: str, scalar_head: bool | None = None, reference: str | None = None,
-             critic: Policy | None = None) -> Policy:
+             critic: Policy | str | None = None, lora: LoraSettings | None = None) -> Policy:
         """Load a folder written by `save` (or any HF causal-LM folder with a tokenizer).
 
         `scalar_head=None` restores a head exactly when the folder has one; True adds a fresh
-        head when it has none (e.g. a reward model started from an SFT policy). A saved separate
-        critic (`critic/` inside the folder) is restored unless `critic` is given.
+        head when it has none (e.g. a reward model started from an SFT policy). A saved critic
+        (a separate model, or a critic adapter, in `critic/`) is restored unless `critic` is given.
+        A LoRA folder (one with `adapter_config.json`) is restored as its base plus the adapter:
+        the base from `base/` inside it, else from the folder its metadata names. `lora` wraps
+        the model of a plain folder with a fresh adapter.
         """
         if not os.path.isdir(path):
             raise OSError(f"policy folder '{path}' does not exist")
-        model = AutoModelForCausalLM.from_pretrained(path)
+        meta = _read_meta(path)
         tokenizer = load_tokenizer(path)
+        critic_path = os.path.join(path, CRITIC_DIR)
+        saved_critic_adapter = meta.get("critic") == "adapter"
+        if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+            if lora is not None:
+                raise ValueError(f"'{path}' already holds a LoRA adapter; load it without lora=")
+            model = load_adapter(_load_base(path, meta), path)
+            if critic is None and saved_critic_adapter:
+                load_adapter(model, critic_path, adapter_name=CRITIC_ADAPTER)
+                critic = "adapter"
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path)
+        if critic is None and os.path.isdir(critic_path) and not saved_critic_adapter:
+            critic = cls.load(critic_path)
         head_path = os.path.join(path, HEAD_FILE)
         has_head = os.path.exists(head_path)
-        critic_path = os.path.join(path, CRITIC_DIR)
-        if critic is None and os.path.isdir(critic_path):
-            critic = cls.load(critic_path)
         policy = cls(model, tokenizer, scalar_head=has_head if scalar_head is None else scalar_head,
-                     reference=reference, critic=critic)
+                     reference=reference, critic=critic, lora=lora)
         if has_head and policy.scalar_head is not None:
             policy.scalar_head.load_state_dict(load_file(head_path))
+        critic_head_path = os.path.join(critic_path, HEAD_FILE)
+        if saved_critic_adapter and policy.critic_head is not None and os.path.exists(critic_head_path):
+            policy.critic_head.load_state_dict(load_file(critic_head_path))
         return policy
 
-    def save(self, path: str, extra: dict | None = None) -> None:
-        """Write an HF folder: model, tokenizer, the scalar head if any, and `extra` metadata."""
+    @classmethod
+    def load_adapter(cls, base: str | Policy, adapter_path: str, **kwargs) -> Policy:
+        """A Policy of a base plus the LoRA adapter in `adapter_path` (written by `save_adapter`).
+
+        `base` is an HF folder with a tokenizer, or a Policy without an adapter (its model is
+        wrapped in place, so use the returned Policy from then on). `kwargs` go to the
+        constructor (`scalar_head`, `reference`, `critic`).
+        """
+        if not os.path.exists(os.path.join(adapter_path, ADAPTER_CONFIG)):
+            raise OSError(f"'{adapter_path}' holds no LoRA adapter ({ADAPTER_CONFIG} is missing)")
+        if isinstance(base, Policy):
+            if base.adapter_name is not None:
+                raise ValueError("base Policy already has an adapter; pass one without")
+            model, tokenizer = base.model, base.tokenizer
+        else:
+            if not os.path.isdir(base):
+                raise OSError(f"base model folder '{base}' does not exist")
+            model, tokenizer = AutoModelForCausalLM.from_pretrained(base), load_tokenizer(base)
+        return cls(load_adapter(model, adapter_path), tokenizer, **kwargs)
+
+    def save(self, path: str, extra: dict | None = None, merge: bool = False,
+             save_base: bool | None = None) -> None:
+        """Write an HF folder: model, tokenizer, the scalar head if any, and `extra` metadata.
+
+        With a LoRA adapter the folder is a peft adapter folder (`adapter_config.json`,
+        `adapter_model.safetensors`; a critic adapter and its value head go to `critic/`) plus
+        its base. `save_base=True` writes the base to `base/`; False only names, in the metadata,
+        the local folder the base was loaded from (it must still exist when loading); None (the
+        default) names that folder when there is one and writes `base/` otherwise.
+        `merge=True` writes instead a plain HF model with the policy adapter merged into the
+        weights (`W + (α / r) B A`), which `AutoModelForCausalLM.from_pretrained` loads; a critic
+        adapter is not part of it (a separate critic model is).
+        """
         os.makedirs(path, exist_ok=True)
-        self.model.save_pretrained(path)
+        meta: dict = {"scalar_head": self.scalar_head is not None}
+        lora = self.adapter_name is not None and not merge
+        if self.adapter_name is None:
+            self.model.save_pretrained(path)
+        elif merge:
+            self.model.get_base_model().save_pretrained(
+                path, state_dict=base_state_dict(self.model, merge_adapter=self.adapter_name))
+            meta["merged_adapter"] = self.model.peft_config[self.adapter_name].to_dict()
+        else:
+            self.save_adapter(path)
+            meta["base_model"] = self._save_base(path, save_base)
+        if not lora:  # a stale adapter file would make `load` read the folder as an adapter
+            for name in (ADAPTER_CONFIG, ADAPTER_FILE):
+                if os.path.exists(os.path.join(path, name)):
+                    os.remove(os.path.join(path, name))
         self.tokenizer.save_pretrained(path)
         if self.scalar_head is not None:
-            state = {k: v.detach().cpu().contiguous() for k, v in self.scalar_head.state_dict().items()}
-            save_file(state, os.path.join(path, HEAD_FILE))
+            _save_head(self.scalar_head, os.path.join(path, HEAD_FILE))
         if self.critic is not None:
             self.critic.save(os.path.join(path, CRITIC_DIR), extra={"role": "critic"})
-        meta = {"scalar_head": self.scalar_head is not None, "critic": self.critic is not None, **(extra or {})}
+        elif self.critic_adapter is not None and lora:
+            write_adapter(self.model, self.critic_adapter, os.path.join(path, CRITIC_DIR))
+            _save_head(self.critic_head, os.path.join(path, CRITIC_DIR, HEAD_FILE))
+        meta["critic"] = "adapter" if self.critic_adapter is not None and lora else self.critic is not None
+        meta.update(extra or {})
         with open(os.path.join(path, POLICY_FILE), "w") as f:
             json.dump(meta, f, indent=2, default=str)
 
+    def save_adapter(self, path: str) -> None:
+        """Write the policy's LoRA adapter alone (a peft folder); `Policy.load_adapter` puts it on a base."""
+        if self.adapter_name is None:
+            raise ValueError("this Policy has no LoRA adapter to save (construct it with lora=LoraSettings())")
+        write_adapter(self.model, self.adapter_name, path)
+
+    def _save_base(self, path: str, save_base: bool | None) -> str:
+        """Write the base to `path/base/`, or name the folder it came from; returns what the metadata names."""
+        base = self.model.get_base_model()
+        source = getattr(base, "name_or_path", "") or ""
+        known = os.path.abspath(source) if source and os.path.isdir(source) else None
+        if save_base is None:
+            save_base = known is None
+        if save_base:
+            base.save_pretrained(os.path.join(path, BASE_DIR), state_dict=base_state_dict(self.model))
+            return BASE_DIR
+        if known is None:
+            raise ValueError(f"save_base=False names the base's folder, but this base was not loaded "
+                             f"from a local folder (name_or_path={source!r}); save it with save_base=True")
+        return known
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
+
+    @property
+    def has_separate_critic(self) -> bool:
+        """Whether `values` come from weights the policy loss never trains (a critic model or adapter)."""
+        return self.critic is not None or self.critic_adapter is not None
+
+    def critic_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters only `values` uses: a separate critic's, or the critic adapter and its head.
+
+        Empty when the values come from a head on the policy's own trunk, which the policy loss
+        trains too.
+        """
+        if self.critic is not None:
+            return self.critic.trainable_parameters()
+        if self.critic_adapter is not None:
+            params = adapter_parameters(self.model, self.critic_adapter) + list(self.critic_head.parameters())
+            return [p for p in params if p.requires_grad]
+        return []
+
+    def actor_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters outside `critic_parameters()`: the policy's (and a shared-trunk head's)."""
+        critic = {id(p) for p in self.critic_parameters()}
+        return [p for p in self.trainable_parameters() if id(p) not in critic]
 
     def disable_dropout(self) -> Policy:
         """Zero every dropout rate, so sampling and the update see the same distribution."""
@@ -209,45 +415,90 @@ class Policy(nn.Module):
     def logprobs_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             temperature: float = 1.0):
         """`(logprobs, entropy, values)`: what a PPO update needs (one pass without a separate critic)."""
-        if self.critic is not None:
+        if self.has_separate_critic:
             logp, entropy = self.logprobs(input_ids, attention_mask, temperature, return_entropy=True)
-            return logp, entropy, self.critic.values(input_ids, attention_mask)
+            return logp, entropy, self.values(input_ids, attention_mask)
         self._require_head("logprobs_and_values")
         out = self._forward(self.model, input_ids, attention_mask, hidden=True)
         logp, entropy = self._token_logprobs(out.logits, input_ids, temperature, True)
-        return logp, entropy, self._values_from_hidden(out.hidden_states[-1])
+        return logp, entropy, self._values_from_hidden(out.hidden_states[-1], self.scalar_head)
+
+    @property
+    def has_reference(self) -> bool:
+        """Whether `ref_logprobs` works (`reference` is "copy" or "base")."""
+        return self.reference_mode is not None
+
+    @contextlib.contextmanager
+    def _adapter(self, name: str | None):
+        """Run the model with adapter `name` active (None: every adapter off), then the policy's again.
+
+        peft's switches also set requires_grad (only the active adapter trains); the flags are put
+        back at once, so the policy and critic adapters both stay trainable whichever one runs.
+        """
+        model = self.model
+        if name == self.adapter_name:
+            yield
+            return
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        try:
+            if name is None:
+                with model.disable_adapter():
+                    _restore_requires_grad(flags)
+                    yield
+            else:
+                model.set_adapter(name)
+                _restore_requires_grad(flags)
+                yield
+        finally:
+            if name is not None:
+                model.set_adapter(self.adapter_name)
+            _restore_requires_grad(flags)
 
     @torch.no_grad()
     def ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
-        """`logprobs` under the frozen reference policy. Shape: (B, T)."""
-        if self.reference is None:
+        """`logprobs` under the frozen reference policy (in eval mode, like a frozen copy). Shape: (B, T)."""
+        if not self.has_reference:
             raise ValueError("this Policy has no reference (construct it with reference='copy')")
-        out = self._forward(self.reference, input_ids, attention_mask)
+        if self.reference is not None:
+            out = self._forward(self.reference, input_ids, attention_mask)
+        else:  # the shared base, adapter off (or the frozen reference adapter on)
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                with self._adapter(self._reference_adapter):
+                    out = self._forward(self.model, input_ids, attention_mask)
+            finally:
+                self.model.train(was_training)
         return self._token_logprobs(out.logits, input_ids, temperature, False)[0]
 
     @property
     def has_values(self) -> bool:
-        """Whether `values` works: a separate critic or a scalar head on this model."""
-        return self.critic is not None or self.scalar_head is not None
+        """Whether `values` works: a separate critic, a critic adapter or a scalar head on this model."""
+        return self.has_separate_critic or self.scalar_head is not None
 
     def _require_head(self, what: str) -> None:
-        if what == "values" and self.critic is not None:
+        if what == "values" and self.has_separate_critic:
             return
         if self.scalar_head is None:
             raise ValueError(f"Policy.{what} needs a scalar head (construct with scalar_head=True)")
 
-    def _values_from_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
-        v = self.scalar_head(hidden[:, :-1].to(self.scalar_head.weight.dtype)).squeeze(-1)
+    @staticmethod
+    def _values_from_hidden(hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+        v = head(hidden[:, :-1].to(head.weight.dtype)).squeeze(-1)
         return nn.functional.pad(v.float(), (1, 0))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-token values `values[:, t] = V(x_<t)`, from the critic or the head. Shape: (B, T)."""
         if self.critic is not None:
             return self.critic.values(input_ids, attention_mask)
+        if self.critic_adapter is not None:
+            with self._adapter(self.critic_adapter):
+                out = self._forward(self.model, input_ids, attention_mask, hidden=True)
+            return self._values_from_hidden(out.hidden_states[-1], self.critic_head)
         self._require_head("values")
         out = self._forward(self.model, input_ids, attention_mask, hidden=True)
-        return self._values_from_hidden(out.hidden_states[-1])
+        return self._values_from_hidden(out.hidden_states[-1], self.scalar_head)
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per sequence: the head read at the last real (non-pad) token. Shape: (B,)."""

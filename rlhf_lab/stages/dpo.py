@@ -121,7 +121,7 @@ class DPO(_PreferenceStep, L.LightningModule):
         super().__init__()
         self.config = c = config or DPOConfig()
         needs_ref = c.variant not in REFERENCE_FREE
-        if needs_ref and c.reference == "copy" and policy.reference is None:
+        if needs_ref and c.reference == "copy" and not policy.has_reference:
             raise ValueError(f"DPO variant '{c.variant}' with reference='copy' needs Policy(reference='copy')")
         self.policy = policy.disable_dropout()
         pad = policy.tokenizer.pad_token_id
@@ -198,7 +198,7 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
         self.config = c = config or DPOConfig()
         if c.reference == "precomputed":
             raise ValueError("reference='precomputed' needs fixed pairs; OnlineDPO samples new ones (use 'copy')")
-        if c.variant not in REFERENCE_FREE and policy.reference is None:
+        if c.variant not in REFERENCE_FREE and not policy.has_reference:
             raise ValueError(f"DPO variant '{c.variant}' needs Policy(reference='copy')")
         self.policy = policy.disable_dropout()
         self.prompts, self.reward_fn, self.gold_fn = list(prompts), reward_fn, gold_fn
@@ -217,7 +217,7 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
         self.budget.generated_tokens += int(rollout.response_mask.sum())
         mask = rollout.response_mask.float()
         stats = {"reward": float(scores.mean()), "response_length": float(mask.sum(1).mean())}
-        if policy.reference is not None:
+        if policy.has_reference:
             # train/kl as for every algorithm: k1 on the sampled tokens, summed per sequence.
             ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask, c.temperature)
             stats["kl"] = float((kl_k1(rollout.logprobs, ref) * mask).sum(1).mean())

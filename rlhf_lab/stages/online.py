@@ -66,7 +66,7 @@ class OnlineRLConfig:
     cg_damping: float = 0.1  # TRPO: damping added to the Fisher matrix
     line_search_steps: int = 10  # TRPO: backtracking steps (step halves each time)
     lr: float = 1e-4  # AdamW learning rate of the policy (and of a value head on it)
-    critic_lr: float | None = None  # learning rate of a separate critic model; None = lr
+    critic_lr: float | None = None  # learning rate of a separate critic (model, or LoRA adapter + head); None = lr
     prompts_per_step: int = 16  # prompts sampled per iteration
     samples_per_prompt: int = 1  # responses per prompt (G)
     max_new_tokens: int = 8  # response length limit
@@ -183,8 +183,9 @@ class OnlineRL(L.LightningModule):
     """The online loop: sample, score, compute advantages, update (see the module docstring).
 
     Args:
-        policy: a `Policy` with `reference="copy"`, and a critic (`scalar_head=True`, or a
-            separate `critic`) when `config.baseline == "critic"`.
+        policy: a `Policy` with a reference (`reference="copy"`, or "base" with a LoRA adapter),
+            and a critic (`scalar_head=True`, a separate `critic`, or `critic="adapter"`) when
+            `config.baseline == "critic"`.
         prompts: the RL prompt set; one epoch of the train loader is one pass over it.
         reward_fn: the proxy reward source, `(prompts, completions) -> Tensor (B,)`.
         gold_fn: optional gold judge logged beside the proxy (`train/gold_reward`).
@@ -213,9 +214,9 @@ class OnlineRL(L.LightningModule):
         if self.config.baseline == "critic" and not policy.has_values:
             raise ValueError(f"{name} (baseline='critic') needs a critic: build the Policy with "
                              "scalar_head=True or a critic")
-        if policy.reference is None:
+        if not policy.has_reference:
             raise ValueError(f"{name} needs a reference policy: build the Policy with reference='copy'")
-        if self.config.update == "trpo" and self.config.baseline == "critic" and policy.critic is None:
+        if self.config.update == "trpo" and self.config.baseline == "critic" and not policy.has_separate_critic:
             raise ValueError("update='trpo' with baseline='critic' needs a separate critic model: a value "
                              "head would share the trunk that the trust-region step moves")
         self.policy = policy.disable_dropout()
@@ -346,7 +347,7 @@ class OnlineRL(L.LightningModule):
         """
         c = self.config
         ids, attn, mask = data.input_ids, data.attention_mask, data.response_mask
-        critic_ids = {id(p) for p in self.policy.critic.parameters()} if self.policy.critic is not None else set()
+        critic_ids = {id(p) for p in self.policy.critic_parameters()}
         actor = [p for p in self.policy.trainable_parameters() if id(p) not in critic_ids]
         if self.policy.scalar_head is not None:
             head = {id(p) for p in self.policy.scalar_head.parameters()}
@@ -452,8 +453,8 @@ class OnlineRL(L.LightningModule):
     def configure_optimizers(self):
         c, policy = self.config, self.policy
         params = policy.trainable_parameters()
-        if policy.critic is not None:
-            critic = {id(p) for p in policy.critic.parameters()}
+        if policy.has_separate_critic:  # a critic model, or a critic adapter and its value head
+            critic = {id(p) for p in policy.critic_parameters()}
             params = [{"params": [p for p in params if id(p) not in critic]},
                       {"params": [p for p in params if id(p) in critic], "lr": c.critic_lr or c.lr}]
         return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
