@@ -17,6 +17,7 @@ from rlhf_lab.losses.advantages import (
 )
 from rlhf_lab.losses.dpo import (
     DPO_LOSSES,
+    chosen_nll,
     dpo_hinge,
     dpo_ipo,
     dpo_robust,
@@ -86,6 +87,7 @@ __all__ = [
     "RATIO_LEVELS",
     "AGGREGATIONS",
     # dpo
+    "chosen_nll",
     "dpo_sigmoid",
     "dpo_ipo",
     "dpo_hinge",

@@ -21,6 +21,7 @@ __all__ = [
     "dpo_robust",
     "dpo_robust_unbiased",
     "simpo",
+    "chosen_nll",
     "DPO_LOSSES",
     "preference_loss",
 ]
@@ -341,6 +342,24 @@ def simpo(
     return loss, _metrics(loss, chosen_rewards, rejected_rewards)
 
 
+def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Length-normalised negative log-likelihood of the chosen responses.
+
+    Formula: L_NLL = -(1/B) Σ_i log π(y_w^i | x^i) / |y_w^i|
+    Reference: Pang et al. 2024, "Iterative Reasoning Preference Optimization" (DPO + α·NLL on
+        the chosen response); Liu et al. 2024, "Provably Mitigating Overoptimization in RLHF"
+        (RPO). Added to a preference loss it keeps the chosen responses' likelihood from falling
+        while the margin grows (the "likelihood displacement" of plain DPO).
+
+    Shape: policy_chosen_logps (B,) summed log-probs, chosen_lengths (B,) token counts → scalar.
+    """
+    check_ndim("policy_chosen_logps", policy_chosen_logps, 1, "(B,)")
+    check_same_shape("policy_chosen_logps", policy_chosen_logps, chosen_lengths=chosen_lengths)
+    if bool((chosen_lengths <= 0).any()):
+        raise ValueError("chosen_lengths must be > 0 for every pair")
+    return -(policy_chosen_logps / chosen_lengths.to(policy_chosen_logps.dtype)).mean()
+
+
 DPO_LOSSES: dict[str, Callable[..., LossOut]] = {
     "sigmoid": dpo_sigmoid,
     "ipo": dpo_ipo,
@@ -362,6 +381,7 @@ def preference_loss(
     beta: float | None = None,
     label_smoothing: float = 0.0,
     gamma: float = 0.5,
+    nll_coef: float = 0.0,
 ) -> LossOut:
     """Direct preference loss with the variant chosen by name from DPO_LOSSES.
 
@@ -371,7 +391,9 @@ def preference_loss(
         Every argument is forwarded by keyword; a variant ignores the ones it does not use
         (label_smoothing outside the robust variants, gamma outside simpo, lengths outside ipo
         and simpo, reference log-probs in simpo) and raises ValueError for a missing one.
-    Reference: see the variant functions.
+        nll_coef α > 0 adds α · chosen_nll (RPO; needs chosen_lengths) to any variant:
+        L = L_variant + α · L_NLL, and the metrics gain "nll".
+    Reference: see the variant functions and chosen_nll.
 
     Shape: log-probs and lengths (B,). Returns (loss scalar, {"rewards_chosen",
     "rewards_rejected", "reward_margin", "reward_accuracy", "loss"}).
@@ -380,7 +402,8 @@ def preference_loss(
     options: dict[str, float] = {"label_smoothing": label_smoothing, "gamma": gamma}
     if beta is not None:
         options["beta"] = beta
-    return DPO_LOSSES[variant](
+    check_positive("nll_coef", nll_coef, allow_zero=True)
+    loss, metrics = DPO_LOSSES[variant](
         policy_chosen_logps=policy_chosen_logps,
         policy_rejected_logps=policy_rejected_logps,
         ref_chosen_logps=ref_chosen_logps,
@@ -389,3 +412,8 @@ def preference_loss(
         rejected_lengths=rejected_lengths,
         **options,
     )
+    if nll_coef > 0:
+        nll = chosen_nll(policy_chosen_logps, _require("chosen_lengths", chosen_lengths, variant))
+        loss = loss + nll_coef * nll
+        metrics = {**metrics, "nll": nll.detach(), "loss": loss.detach()}
+    return loss, metrics

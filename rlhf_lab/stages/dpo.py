@@ -36,6 +36,7 @@ class DPOConfig:
     beta: float | None = None  # β of the variant; None = the variant's default (0.1; SimPO 2.0)
     label_smoothing: float = 0.0  # ε of the robust variants
     gamma: float = 0.5  # SimPO's target margin
+    nll_coef: float = 0.0  # α of an added NLL term on the chosen responses (RPO); 0 = off
     reference: str = "copy"  # "copy" (the Policy's frozen copy) or "precomputed" (once, offline only)
     lr: float = 1e-4  # AdamW learning rate
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -50,6 +51,7 @@ class DPOConfig:
         check_choice("reference", self.reference, ("copy", "precomputed"))
         if self.beta is not None:
             check_positive("beta", self.beta)
+        check_positive("nll_coef", self.nll_coef, allow_zero=True)
         check_positive("lr", self.lr)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
         check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
@@ -103,12 +105,14 @@ class _PreferenceStep:
             ref_c, ref_r = ref
         return preference_loss(c.variant, chosen, rejected, ref_c, ref_r, chosen_lengths=len_c,
                                rejected_lengths=len_r, beta=c.beta, label_smoothing=c.label_smoothing,
-                               gamma=c.gamma)
+                               gamma=c.gamma, nll_coef=c.nll_coef)
 
     def _log_preference(self, split: str, loss: torch.Tensor, metrics: dict, n: int) -> None:
         self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n)
         for key in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
             self.log(f"{split}/{key}", metrics[key], prog_bar=key == "reward_accuracy", batch_size=n)
+        if "nll" in metrics:  # nll_coef > 0: the chosen responses' per-token NLL (RPO)
+            self.log(f"{split}/nll", metrics["nll"], batch_size=n)
 
 
 class DPO(_PreferenceStep, L.LightningModule):

@@ -3,6 +3,7 @@ import torch
 
 from rlhf_lab.losses import (
     DPO_LOSSES,
+    chosen_nll,
     dpo_hinge,
     dpo_ipo,
     dpo_robust,
@@ -45,6 +46,32 @@ def test_sigmoid_by_hand():
     # beta = 0.5: h = 0.5; loss = log(1 + e^-0.5) = 0.474077
     loss, _ = dpo_sigmoid(PC, PR, RC, RR, beta=0.5)
     assert loss.item() == pytest.approx(0.474077, abs=1e-6)
+
+
+def test_chosen_nll_by_hand():
+    # Two chosen responses: log-probs -1 over 2 tokens and -3 over 1 token.
+    # L_NLL = -((-1/2) + (-3/1)) / 2 = (0.5 + 3) / 2 = 1.75
+    nll = chosen_nll(torch.tensor([-1.0, -3.0]), torch.tensor([2.0, 1.0]))
+    assert nll.item() == pytest.approx(1.75)
+    with pytest.raises(ValueError, match="chosen_lengths must be > 0"):
+        chosen_nll(torch.tensor([-1.0]), torch.tensor([0.0]))
+
+
+def test_nll_coef_adds_the_chosen_nll_to_every_variant():
+    # Sigmoid at beta 0.1 is 0.644397 (above); the one chosen response has log-prob -1 over 2
+    # tokens, so L_NLL = 0.5 and alpha = 2 gives 0.644397 + 2 * 0.5 = 1.644397.
+    loss, metrics = preference_loss("sigmoid", **ALL, beta=0.1, nll_coef=2.0)
+    assert loss.item() == pytest.approx(1.644397, abs=1e-6)
+    assert metrics["nll"].item() == pytest.approx(0.5)
+    assert metrics["loss"].item() == pytest.approx(1.644397, abs=1e-6)
+    for variant in DPO_LOSSES:
+        base, _ = preference_loss(variant, **ALL)
+        with_nll, _ = preference_loss(variant, **ALL, nll_coef=1.0)
+        assert with_nll.item() == pytest.approx(base.item() + 0.5, abs=1e-6)
+    with pytest.raises(ValueError, match="nll_coef"):
+        preference_loss("sigmoid", **ALL, nll_coef=-1.0)
+    with pytest.raises(ValueError, match="chosen_lengths is required"):
+        preference_loss("sigmoid", PC, PR, RC, RR, nll_coef=1.0)
 
 
 def test_ipo_by_hand():

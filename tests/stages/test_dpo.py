@@ -96,6 +96,21 @@ def test_beta_changes_the_update(make_policy, task, tmp_path):
     assert not torch.allclose(weights[0], weights[1])
 
 
+def test_nll_coef_changes_the_update_and_logs_the_chosen_nll(make_policy, task, tmp_path):
+    weights, logged = [], []
+    for nll_coef in (0.0, 1.0):
+        policy = make_policy(seed=0, reference="copy")
+        logged.append(_fit(DPO(policy, _pairs(task, 16), None,
+                               DPOConfig(nll_coef=nll_coef, lr=1e-2, batch_size=8)), tmp_path, f"n{nll_coef}", 3))
+        weights.append(torch.cat([p.detach().flatten() for p in policy.model.parameters()]))
+    assert not torch.allclose(weights[0], weights[1])
+    assert all("train/nll" not in row for row in logged[0])  # only logged when the term is on
+    nll = _col(logged[1], "train/nll")
+    assert len(nll) == 3 and all(v > 0 for v in nll)  # a per-token NLL of the chosen answers
+    with pytest.raises(ValueError, match="nll_coef must be"):
+        DPOConfig(nll_coef=-0.5)
+
+
 def test_online_dpo_raises_a_simple_reward(make_policy, task, tmp_path):
     def chars(prompts, completions):
         return [len(c) / 10 for c in completions]
