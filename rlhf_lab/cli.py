@@ -11,6 +11,8 @@ from rlhf_lab import __version__
 
 # The names only; importing rlhf_lab.demo would pull in torch before --help needs it.
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo", "dpo", "online_dpo")
+TASKS = ("arithmetic", "alice")
+BACKBONES = ("gpt2-tiny", "llama-tiny", "opt-tiny", "bigram", "lstm", "attention")
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -30,7 +32,12 @@ def _demo(args: argparse.Namespace) -> int:
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
-    config = DemoConfig(seed=args.seed)
+    lora = None
+    if args.lora:
+        from rlhf_lab.models.lora import LoraSettings
+
+        lora = LoraSettings(r=args.lora_rank, alpha=2.0 * args.lora_rank)
+    config = DemoConfig(seed=args.seed, task=args.task, backbone=args.backbone, lora=lora)
     if args.quick:
         config.pretrain_steps, config.sft_steps, config.reward_steps, config.rl_iterations = 40, 20, 20, 4
         config.dpo_steps, config.pair_samples = 4, 4
@@ -50,17 +57,26 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = sub.add_parser(
         "demo",
-        help="run the whole pipeline on the built-in arithmetic task (a few minutes on CPU)",
-        description="Train a tiny GPT-2 from scratch through pretrain → SFT → reward model → RL on "
-        "the arithmetic task, print a table per stage and generations before/after RL, and write a "
-        "run folder: one HF checkpoint per stage, Lightning CSV metrics, summary.json and "
-        "rl_curve.png.",
+        help="run the whole pipeline on a built-in task (a few minutes on CPU)",
+        description="Train a tiny model from scratch through pretrain → SFT → reward model → RL on "
+        "a built-in task (arithmetic by default), print a table per stage and generations "
+        "before/after RL, and write a run folder: one HF checkpoint per stage, Lightning CSV "
+        "metrics, summary.json and rl_curve.png.",
     )
     demo.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>/)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     demo.add_argument("--algorithm", default="ppo", choices=list(ALGORITHMS),
                       help="algorithm of the last stage (default: ppo); the online ones are presets of one loop, "
                       "dpo trains on the gold-ranked pairs, online_dpo ranks fresh samples with the reward model")
+    demo.add_argument("--task", default="arithmetic", choices=list(TASKS),
+                      help="built-in task (default: arithmetic); alice = questions about Alice in Wonderland")
+    demo.add_argument("--backbone", default="gpt2-tiny", metavar="NAME|PATH",
+                      help=f"model: a named tiny config or toy model ({', '.join(BACKBONES)}; default "
+                      "gpt2-tiny), or a local Hugging Face model folder (its tokenizer is used)")
+    demo.add_argument("--lora", action="store_true",
+                      help="train a LoRA adapter in the last stage instead of all weights; its reference is "
+                      "the same model with the adapter disabled")
+    demo.add_argument("--lora-rank", type=int, default=8, help="LoRA rank r with --lora (alpha = 2r; default 8)")
     demo.add_argument("--logger", default="csv", choices=["csv", "wandb"],
                       help="csv (default), or wandb (offline when WANDB_API_KEY is not set)")
     demo.add_argument("--quick", action="store_true",

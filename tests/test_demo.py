@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from rlhf_lab.cli import main
 
@@ -45,6 +46,53 @@ def test_quick_demo_writes_the_run_folder(tmp_path, capsys, algorithm):
     assert f"wrote {out}/" in printed
 
 
+def test_quick_demo_on_alice_with_the_lstm_toy_model(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    assert main(["demo", "--quick", "--no-progress", "--out", out, "--task", "alice", "--backbone", "lstm"]) == 0
+    summary = _check_run_folder(out)
+    assert (summary["task"], summary["backbone"]) == ("alice", "lstm")
+    with open(os.path.join(out, "sft", "config.json")) as f:
+        assert json.load(f)["model_type"] == "rlhf_lab_lstm"
+    assert "on 43 eval prompts" in capsys.readouterr().out  # the alice questions, not arithmetic's 200
+
+
+def test_quick_demo_with_lora_trains_an_adapter_against_the_adapter_free_reference(tmp_path):
+    from rlhf_lab.policy import Policy
+
+    out = str(tmp_path / "run")
+    assert main(["demo", "--quick", "--no-progress", "--out", out, "--algorithm", "reinforce", "--lora",
+                 "--lora-rank", "4"]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["rl"]["lora"] is True and summary["config"]["lora"]["r"] == 4
+    assert os.path.exists(os.path.join(out, "reinforce", "adapter_config.json"))
+    policy = Policy.load(os.path.join(out, "reinforce"))
+    sft = Policy.load(os.path.join(out, "sft"))
+    # The adapter moved the policy away from SFT; the base under it is SFT, bit for bit.
+    base = dict(policy.model.get_base_model().named_parameters())
+    for name, p in sft.model.named_parameters():
+        prefix, leaf = name.rsplit(".", 1)  # peft keeps a wrapped layer's weights under base_layer
+        key = name if name in base else f"{prefix}.base_layer.{leaf}"
+        assert torch.equal(base[key], p), name
+
+
+def test_quick_demo_from_a_local_hf_folder(tmp_path):
+    first = str(tmp_path / "first")
+    assert main(["demo", "--quick", "--no-progress", "--out", first, "--algorithm", "online_dpo"]) == 0
+    out = str(tmp_path / "second")
+    assert main(["demo", "--quick", "--no-progress", "--out", out, "--algorithm", "online_dpo",
+                 "--backbone", os.path.join(first, "sft")]) == 0
+    with open(os.path.join(out, "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["backbone"] == os.path.join(first, "sft")
+    # Continued pretraining starts from the folder's weights: its loss starts far below a fresh model's.
+    with open(os.path.join(first, "pretrain", "metrics.csv")) as f:
+        fresh = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    with open(os.path.join(out, "pretrain", "metrics.csv")) as f:
+        warm = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert warm[0] < fresh[0] - 1.0
+
+
 @pytest.mark.slow
 def test_full_demo_ppo_beats_sft_by_ten_points(tmp_path):
     out = str(tmp_path / "run")
@@ -61,7 +109,7 @@ def test_cli_help_lists_demo(capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--out", "--seed", "--logger", "--quick"):
+    for flag in ("--out", "--seed", "--logger", "--quick", "--task", "--backbone", "--lora", "--algorithm"):
         assert flag in text
     assert main([]) == 2
 

@@ -407,6 +407,10 @@ class AliceTask:
     """
 
     name: ClassVar[str] = "alice"
+    max_new_tokens: ClassVar[int] = 8
+    """Response length limit: answers are at most 6 tokens with a 1024-entry BPE, plus EOS."""
+    vocab_size: ClassVar[int] = 1024
+    """BPE vocabulary size for `tokenizer_texts()`: whole words, so answers stay short."""
 
     val_fraction: float = 0.2
     """Share of the 43 facts held out of the Q/A pretraining lines and SFT training (SFT's val

@@ -112,6 +112,10 @@ class ArithmeticTask:
     """
 
     name: ClassVar[str] = "arithmetic"
+    max_new_tokens: ClassVar[int] = 6
+    """Response length limit that fits every answer (" -8" and EOS with room to spare)."""
+    vocab_size: ClassVar[int] = 512
+    """BPE vocabulary size a tokenizer trained on `tokenizer_texts()` should use."""
 
     val_fraction: float = 0.2
     """Share of the 200 problems held out of pretraining and SFT training (SFT's val split)."""
