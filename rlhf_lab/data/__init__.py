@@ -7,5 +7,28 @@ from rlhf_lab.data.datasets import (
     pad_collate,
     preference_collate,
 )
+from rlhf_lab.data.loaders import (
+    DataError,
+    GSM8KJudge,
+    LoadReport,
+    Rows,
+    gsm8k_reward,
+    load_alpaca,
+    load_dolly,
+    load_gsm8k,
+    load_gsm8k_solution_pairs,
+    load_hh,
+    load_jsonl_rows,
+    load_preference_rows,
+    load_prompt_completion,
+    load_prompts,
+    load_text,
+    train_val_split,
+)
 
-__all__ = ["PackedTextDataset", "PreferenceDataset", "SFTDataset", "pad_collate", "preference_collate"]
+__all__ = [
+    "PackedTextDataset", "PreferenceDataset", "SFTDataset", "pad_collate", "preference_collate",
+    "DataError", "GSM8KJudge", "LoadReport", "Rows", "gsm8k_reward", "load_alpaca", "load_dolly",
+    "load_gsm8k", "load_gsm8k_solution_pairs", "load_hh", "load_jsonl_rows", "load_preference_rows",
+    "load_prompt_completion", "load_prompts", "load_text", "train_val_split",
+]
