@@ -6,7 +6,11 @@ from collections.abc import Callable
 
 import torch
 
+from rlhf_lab.eval.callback import EvalCallback
+from rlhf_lab.eval.metrics import EvalResult, evaluate_policy
 from rlhf_lab.policy import Policy
+
+__all__ = ["EvalCallback", "EvalResult", "evaluate_policy", "gold_accuracy", "greedy_completions"]
 
 
 @torch.no_grad()
