@@ -415,6 +415,20 @@ def load_prompts(
 # --------------------------------------------------------------------------- instruction data
 
 
+def _instruction_rows(input_field: str, output_field: str, keep: tuple[str, ...] = ()):
+    """A record converter for instruction data: the "instruction" template with `input_field` as
+    its input, `output_field` as the completion, and the string fields in `keep` copied over."""
+    def convert(r: dict) -> list[dict]:
+        instruction = _get(r, "instruction", nonempty=True)
+        context = _get(r, input_field, optional=True)
+        row = {"prompt": format_prompt("instruction", instruction, input=context),
+               "completion": _get(r, output_field, nonempty=True)}
+        row.update({k: r[k] for k in keep if isinstance(r.get(k), str)})
+        return [row]
+
+    return convert
+
+
 def load_dolly(
     path: str | os.PathLike,
     *,
@@ -428,16 +442,8 @@ def load_dolly(
     the context is empty or missing), so it ends with "### Response:\\n"; completion = the
     response as is; `category` is kept when present. Instruction and response must not be blank.
     """
-    def convert(r: dict) -> list[dict]:
-        instruction = _get(r, "instruction", nonempty=True)
-        context = _get(r, "context", optional=True)
-        row = {"prompt": format_prompt("instruction", instruction, input=context),
-               "completion": _get(r, "response", nonempty=True)}
-        if isinstance(r.get("category"), str):
-            row["category"] = r["category"]
-        return [row]
-
-    return _load(path, convert, on_error, split, config)
+    return _load(path, _instruction_rows("context", "response", keep=("category",)), on_error, split,
+                 config)
 
 
 def load_alpaca(
@@ -448,13 +454,7 @@ def load_alpaca(
     config: str | None = None,
 ) -> Rows:
     """Alpaca rows (`instruction`, `input`, `output`) as SFT rows, the same way as `load_dolly`."""
-    def convert(r: dict) -> list[dict]:
-        instruction = _get(r, "instruction", nonempty=True)
-        context = _get(r, "input", optional=True)
-        return [{"prompt": format_prompt("instruction", instruction, input=context),
-                 "completion": _get(r, "output", nonempty=True)}]
-
-    return _load(path, convert, on_error, split, config)
+    return _load(path, _instruction_rows("input", "output"), on_error, split, config)
 
 
 # --------------------------------------------------------------------------- GSM8K

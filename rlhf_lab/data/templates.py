@@ -20,6 +20,7 @@ whitespace-only `input` counts as none, as in Dolly rows without context.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -41,11 +42,12 @@ def _context(input: str | None) -> str | None:
 
 
 @dataclass(frozen=True)
-class PromptTemplate:
+class PromptTemplate(ABC):
     """Base of all templates: a `name` and a `format` that turns a prompt into model input."""
 
     name: str
 
+    @abstractmethod
     def format(
         self,
         prompt: str,
@@ -53,7 +55,6 @@ class PromptTemplate:
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> str:
         """The text the model continues; subclasses define it."""
-        raise NotImplementedError
 
 
 @dataclass(frozen=True)

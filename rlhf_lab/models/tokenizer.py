@@ -7,6 +7,7 @@ Nothing here downloads anything unless given a hub name and a network; tests and
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -265,10 +266,8 @@ def from_cache_or_hub(
     says it was not found locally, and why the hub could not help; `extra_hint` is appended.
     """
     suffix = f"; {extra_hint}" if extra_hint else ""
-    try:
+    with contextlib.suppress(OSError, ValueError):  # not cached (or incomplete): the hub below
         return load(True)
-    except (OSError, ValueError):
-        pass  # not cached (or incomplete): try the hub below, if allowed
     where = f"no such folder, {_cache_hint(name, cache_dir)}"
     reason = "local_files_only=True" if local_files_only else hub_unreachable_reason()
     if reason is not None:

@@ -234,10 +234,6 @@ class _ToyPreTrainedModel(PreTrainedModel):
         self.lm_head = new_embeddings
 
     # --------------------------------------------------------------- forward
-    def _body(self, embeds, attention_mask, position_ids, cache):  # pragma: no cover - abstract
-        """Model-specific part: `(hidden_states tuple, state dict for the next ToyCache)`."""
-        raise NotImplementedError
-
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
