@@ -26,6 +26,7 @@ from rlhf_lab.models.lora import LoraSettings
 from rlhf_lab.models.tokenizer import load_tokenizer, train_bpe_tokenizer
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards import CallableSource, RewardModelSource
+from rlhf_lab.runs import LoggerConfig, finish_loggers, make_trainer
 from rlhf_lab.stages import (
     DPO,
     SFT,
@@ -101,36 +102,6 @@ RL_ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo")
 # (45-65 s): a PPO iteration takes 8 optimiser steps with a critic, a REINFORCE/RLOO/GRPO one 4.
 RL_ITERATIONS = {"ppo": 60, "reinforce": 150, "rloo": 150, "grpo": 150, "trpo": 120, "online_dpo": 60}
 ALGORITHMS = (*RL_ALGORITHMS, "dpo", "online_dpo")
-
-
-def make_trainer(out: str, stage: str, max_steps: int, logger: str, run_name: str, **kwargs) -> L.Trainer:
-    """A Trainer writing `out/<stage>/` metrics (CSV, or wandb offline without an API key)."""
-    if logger == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        if not os.environ.get("WANDB_API_KEY"):
-            os.environ.setdefault("WANDB_MODE", "offline")
-        log = WandbLogger(project="rlhf_lab", group=run_name, name=f"{run_name}-{stage}", save_dir=out,
-                          tags=[stage], offline=os.environ.get("WANDB_MODE") == "offline")
-    elif logger == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        log = CSVLogger(out, name=stage, version="")
-    else:
-        raise ValueError(f"logger must be 'csv' or 'wandb', got {logger!r}")
-    defaults = dict(max_steps=max_steps, max_epochs=-1, logger=log, enable_checkpointing=False,
-                    enable_model_summary=False, log_every_n_steps=1, accelerator="cpu", devices=1,
-                    num_sanity_val_steps=0)
-    defaults.update(kwargs)
-    return L.Trainer(**defaults)
-
-
-def finish_logger(trainer: L.Trainer) -> None:
-    """End a wandb run after its stage, so the next stage starts its own run in the group."""
-    if type(trainer.logger).__name__ == "WandbLogger":
-        import wandb
-
-        wandb.finish()
 
 
 def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: int, temperature: float,
@@ -234,7 +205,7 @@ def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float,
     plt.close(fig)
 
 
-def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: str = "csv",
+def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
              algorithm: str = "ppo", progress: bool = True, echo=print) -> dict:
     """Run the four stages and write everything to `out` (default `runs/demo-<time>/`).
 
@@ -256,7 +227,13 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     judge = task.gold_reward
     eval_prompts = task.eval_prompts()
-    trainer_kw = dict(logger=logger, run_name=run_name, enable_progress_bar=progress)
+    # One wandb group per demo run, one wandb run per stage; every stage records the whole config.
+    log_config = logger if isinstance(logger, LoggerConfig) else LoggerConfig(kind=logger)
+    log_config = dataclasses.replace(
+        log_config, group=log_config.group or run_name,
+        tags=[*log_config.tags, f"task:{task.name}", f"backbone:{c.backbone}", f"algorithm:{algorithm}"])
+    trainer_kw = dict(logger=log_config, run_config={"demo": asdict(c), "algorithm": algorithm},
+                      enable_progress_bar=progress)
     summary: dict = {"task": task.name, "backbone": c.backbone, "lora": c.lora is not None, "seed": c.seed,
                      "config": asdict(c)}
 
@@ -275,7 +252,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
                            check_val_every_n_epoch=None, **trainer_kw)
     trainer.fit(stage)
     val = trainer.validate(stage, verbose=False)[0]
-    finish_logger(trainer)
+    finish_loggers(trainer)
     policy.save(os.path.join(out, "pretrain"), extra={"stage": "pretrain", "config": asdict(c.pretrain)})
     summary["pretrain"] = {"val_loss": val["val/loss"], "val_perplexity": float(torch.exp(torch.tensor(val["val/loss"])))}
     echo(_table("pretrain", [("steps", str(c.pretrain_steps)), ("val loss", f"{val['val/loss']:.3f}"),
@@ -288,7 +265,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     trainer = make_trainer(out, "sft", c.sft_steps, **trainer_kw)
     trainer.fit(stage)
     val = trainer.validate(stage, verbose=False)[0]
-    finish_logger(trainer)
+    finish_loggers(trainer)
     policy.save(os.path.join(out, "sft"), extra={"stage": "sft", "config": asdict(c.sft)})
     before = greedy_completions(policy, eval_prompts, max_new_tokens)
     sft_acc = _mean(judge(eval_prompts, before))
@@ -307,7 +284,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     trainer = make_trainer(out, "reward_model", c.reward_steps, **trainer_kw)
     trainer.fit(stage)
     val = trainer.validate(stage, verbose=False)[0]
-    finish_logger(trainer)
+    finish_loggers(trainer)
     reward_policy.save(os.path.join(out, "reward_model"), extra={"stage": "reward_model", "config": asdict(c.reward)})
     summary["reward_model"] = {"pairs": len(pairs), "val_accuracy": val["val/accuracy"], "val_loss": val["val/loss"]}
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
@@ -341,7 +318,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
         steps, stage_config, fit_kw = c.iterations(algorithm), online_dpo, {}
     trainer = make_trainer(out, algorithm, steps, **fit_kw, **trainer_kw)
     trainer.fit(stage)
-    finish_logger(trainer)
+    finish_loggers(trainer)
     policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(stage_config)})
     after = greedy_completions(policy, eval_prompts, max_new_tokens)
     rl_acc = _mean(judge(eval_prompts, after))

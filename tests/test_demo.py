@@ -112,18 +112,3 @@ def test_cli_help_lists_demo(capsys):
     for flag in ("--out", "--seed", "--logger", "--quick", "--task", "--backbone", "--lora", "--algorithm"):
         assert flag in text
     assert main([]) == 2
-
-
-def test_wandb_logger_runs_offline_without_an_api_key(make_policy, task, tmp_path, monkeypatch):
-    from rlhf_lab.demo import finish_logger, make_trainer
-    from rlhf_lab.stages import Pretrain, PretrainConfig
-
-    monkeypatch.delenv("WANDB_API_KEY", raising=False)
-    monkeypatch.delenv("WANDB_MODE", raising=False)
-    stage = Pretrain(make_policy(), task.pretrain_corpus(n_lines=200), None, PretrainConfig(batch_size=4, block_size=16))
-    trainer = make_trainer(str(tmp_path), "pretrain", 3, "wandb", "wandb-test", enable_progress_bar=False)
-    trainer.fit(stage)
-    finish_logger(trainer)
-    runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
-    assert len(runs) == 1
-    assert any(f.endswith(".wandb") for f in os.listdir(tmp_path / "wandb" / runs[0]))

@@ -248,7 +248,7 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
         self.budget.samples += 2 * len(prompts)
         metrics = {f"train/{k}": v for k, v in stats.items()}
         if batch is None:
-            self.log_dict({**metrics, **self.budget.metrics()}, batch_size=1)
+            self._log_sampling({**metrics, **self.budget.metrics()}, batch_size=1)
             self.history.append({"iteration": len(self.history) + 1, **metrics})
             return None  # nothing to learn from: every pair tied
         ref = None
@@ -258,9 +258,15 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
         loss, m = self._dpo_loss(batch, ref)
         self.budget.optimizer_steps += 1
         self._log_preference("train", loss, m, n_pairs)
-        self.log_dict({**metrics, **self.budget.metrics()}, batch_size=n_pairs)
+        self._log_sampling({**metrics, **self.budget.metrics()}, batch_size=n_pairs)
         self.history.append({"iteration": len(self.history) + 1, **metrics, "train/loss": float(loss)})
         return loss
+
+    def _log_sampling(self, metrics: dict, batch_size: int) -> None:
+        # The progress bar shows what it shows for the other online algorithms.
+        bar = {"train/reward", "train/gold_reward", "train/kl"}
+        for key, value in metrics.items():
+            self.log(key, value, prog_bar=key in bar, batch_size=batch_size)
 
     def configure_optimizers(self):
         c = self.config

@@ -1,0 +1,153 @@
+"""A stage's data as configuration: `DataConfig` names a format and a file, `load_data` reads it.
+
+This is how YAML configs and the CLI reach the loaders of `rlhf_lab.data.loaders`:
+
+    data:
+      format: dolly            # one of FORMATS
+      path: data/dolly.jsonl   # a local file, or a hub dataset id (needs a network)
+      val_fraction: 0.1        # or val_path: a separate file of the same format
+      on_error: skip           # skip bad rows (counted in the log) instead of failing
+
+Each format yields one kind of row, and each stage takes certain kinds (`STAGE_KINDS`):
+text documents (pretraining), prompt/completion rows (SFT; their prompts also serve as RL
+prompts), prompt/chosen/rejected rows (reward model, DPO; their prompts also serve as RL
+prompts), and prompts alone (online RL).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from rlhf_lab.checks import check_choice
+from rlhf_lab.data.loaders import (
+    Rows,
+    load_alpaca,
+    load_dolly,
+    load_gsm8k,
+    load_gsm8k_solution_pairs,
+    load_hh,
+    load_preference_rows,
+    load_prompt_completion,
+    load_prompts,
+    load_text,
+    train_val_split,
+)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["FORMATS", "STAGE_KINDS", "DataConfig", "check_stage_data", "load_data", "prompts_of"]
+
+# format -> the kind of row it yields
+FORMATS = {
+    "text": "text",
+    "prompt_completion": "sft",
+    "dolly": "sft",
+    "alpaca": "sft",
+    "gsm8k": "sft",
+    "preference": "preference",
+    "hh": "preference",
+    "gsm8k_pairs": "preference",
+    "prompts": "prompts",
+}
+# stage -> the row kinds it accepts (online stages take the prompts of any row kind that has them)
+STAGE_KINDS = {
+    "pretrain": ("text",),
+    "sft": ("sft",),
+    "reward_model": ("preference",),
+    "dpo": ("preference",),
+    "online_rl": ("prompts", "sft", "preference"),
+    "ppo": ("prompts", "sft", "preference"),
+    "online_dpo": ("prompts", "sft", "preference"),
+}
+
+
+@dataclass
+class DataConfig:
+    """Which rows a stage reads: a format, a file (or hub id) and how to split and clean it."""
+
+    format: str = "prompt_completion"  # a key of FORMATS
+    path: str = ""  # .jsonl / .jsonl.gz / .json (or .txt for text); a hub dataset id with a network
+    val_path: str | None = None  # a separate validation file of the same format
+    val_fraction: float = 0.0  # without val_path: hold out this fraction (text: the last documents)
+    seed: int = 0  # seed of the shuffled train/val split
+    limit: int | None = None  # keep only the first `limit` training rows (the cut is logged)
+    on_error: str = "raise"  # "raise": bad rows fail with file, line and field; "skip": skip and count
+    split: str = "train"  # hub datasets: the split to read
+    unit: str = "paragraph"  # text: "paragraph", "line" or "file" documents
+    prompt_field: str = "prompt"  # prompt_completion / prompts: the prompt's field
+    completion_field: str = "completion"  # prompt_completion: the completion's field
+    pairs: str = "first"  # gsm8k_pairs: "first" pair per question or "all"
+
+    def __post_init__(self):
+        check_choice("format", self.format, tuple(FORMATS))
+        check_choice("on_error", self.on_error, ("raise", "skip"))
+        if not self.path:
+            raise ValueError("data.path is empty: give a file (or a hub dataset id)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_path and self.val_fraction:
+            raise ValueError("give data.val_path or data.val_fraction, not both")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"data.limit must be >= 1 or null, got {self.limit}")
+
+    @property
+    def kind(self) -> str:
+        """The kind of row this format yields: text, sft, preference or prompts."""
+        return FORMATS[self.format]
+
+
+def _read(config: DataConfig, path: str) -> Rows:
+    c, kw = config, dict(on_error=config.on_error)
+    if c.format == "text":
+        return load_text(path, unit=c.unit, **kw)
+    if c.format == "gsm8k_pairs":
+        return load_gsm8k_solution_pairs(path, pairs=c.pairs, **kw)
+    kw["split"] = c.split
+    if c.format == "prompt_completion":
+        return load_prompt_completion(path, c.prompt_field, c.completion_field, **kw)
+    if c.format == "prompts":
+        return load_prompts(path, c.prompt_field, **kw)
+    readers = {"dolly": load_dolly, "alpaca": load_alpaca, "gsm8k": load_gsm8k, "preference": load_preference_rows,
+               "hh": load_hh}
+    return readers[c.format](path, **kw)
+
+
+def load_data(config: DataConfig) -> tuple[Rows, Rows]:
+    """`(train, val)` rows of `config` (val may be empty). Every loader's report is logged.
+
+    Text documents split contiguously (the last `val_fraction`, so no passage is in both);
+    other rows by a seeded shuffle (`train_val_split`). `limit` then keeps the first training
+    rows and logs how many it left out.
+    """
+    rows = _read(config, config.path)
+    log.info("%s", rows.report)
+    if config.val_path:
+        train, val = rows, _read(config, config.val_path)
+        log.info("%s", val.report)
+    elif config.val_fraction and config.format == "text":
+        n_val = min(max(1, round(len(rows) * config.val_fraction)), len(rows) - 1)
+        train, val = Rows(rows[:-n_val], rows.report), Rows(rows[-n_val:], rows.report)
+    else:
+        train, val = train_val_split(rows, config.val_fraction, seed=config.seed)
+    if config.limit is not None and len(train) > config.limit:
+        log.warning("%s: data.limit keeps the first %d of %d training rows (%d left out)", config.path,
+                    config.limit, len(train), len(train) - config.limit)
+        train = Rows(train[: config.limit], train.report)
+    return train, val
+
+
+def prompts_of(rows: list) -> list[str]:
+    """The prompts of rows of any kind with prompts: strings as they are, dicts' `prompt` field."""
+    return [r if isinstance(r, str) else r["prompt"] for r in rows]
+
+
+def check_stage_data(stage: str, config: DataConfig) -> None:
+    """Fail early, naming the field, when `stage` cannot train on `config.format`."""
+    kinds = STAGE_KINDS.get(stage)
+    if kinds is None:
+        raise ValueError(f"unknown stage '{stage}'; choose from: {', '.join(STAGE_KINDS)}")
+    if config.kind not in kinds:
+        fitting = [f for f, k in FORMATS.items() if k in kinds]
+        raise ValueError(f"data.format '{config.format}' gives {config.kind} rows, which stage '{stage}' "
+                         f"cannot train on; formats for {stage}: {', '.join(fitting)}")
