@@ -1,4 +1,4 @@
-"""The `rlhf-lab` command."""
+"""The `rlhf-lab` command: demo, fit, generate, eval, compare."""
 
 from __future__ import annotations
 
@@ -13,24 +13,36 @@ from rlhf_lab import __version__
 ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo", "dpo", "online_dpo")
 TASKS = ("arithmetic", "alice")
 BACKBONES = ("gpt2-tiny", "llama-tiny", "opt-tiny", "bigram", "lstm", "attention")
+STAGE_NAMES = ("pretrain", "sft", "reward_model", "dpo", "online_rl", "ppo", "online_dpo",
+               "reinforce", "rloo", "grpo", "trpo")
+DATA_FORMATS = ("text", "prompt_completion", "dolly", "alpaca", "gsm8k", "preference", "hh", "gsm8k_pairs", "prompts")
 
 
-def _demo(args: argparse.Namespace) -> int:
+def _quiet() -> None:
+    """Offline hub, and the libraries' start-up chatter off, so our own output stands out."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import warnings
 
+    import lightning  # noqa: F401  (Lightning sets its loggers' levels on import; ours come after)
     from transformers.utils import logging as hf_logging
 
-    from rlhf_lab.demo import DemoConfig, run_demo
-
-    # Quiet the libraries' start-up chatter so the demo's own tables stand out. Lightning sets
-    # its loggers' levels when it is imported, so this comes after the import.
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.WARNING)
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="lightning")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for name in ("rlhf_lab",):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def _demo(args: argparse.Namespace) -> int:
+    _quiet()
+    from rlhf_lab.demo import DemoConfig, run_demo
 
     lora = None
     if args.lora:
@@ -47,14 +59,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="rlhf-lab",
-        description="rlhf_lab: train language models from feedback (pretrain, SFT, reward model, PPO/REINFORCE/RLOO/GRPO/TRPO) "
-        "with PyTorch Lightning.",
-    )
-    parser.add_argument("--version", action="version", version=f"rlhf_lab {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+def _add_demo(sub) -> None:
     demo = sub.add_parser(
         "demo",
         help="run the whole pipeline on a built-in task (a few minutes on CPU)",
@@ -83,15 +88,246 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tiny budgets (seconds, not minutes): checks the wiring, learns little")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     demo.set_defaults(func=_demo)
+
+
+# --------------------------------------------------------------------------- fit
+
+FIT_EPILOG = """\
+configuration keys (YAML, or --key.sub value on the command line; run with --print_config to see
+every key of a stage with its value):
+  stage, out, seed, task                     the run; task = a built-in task's data and gold judge
+  model.backbone, model.tokenizer, model.vocab_size, model.overrides, model.lora.{r,alpha,dropout,
+    target_modules}, model.reference         what the stage starts from
+  data.format, data.path, data.val_path, data.val_fraction, data.seed, data.limit, data.on_error,
+    data.split, data.unit, data.prompt_field, data.completion_field, data.pairs
+  config.*                                   the stage's hyperparameters (see below); online_rl
+                                             also takes config.preset (ppo|reinforce|rloo|grpo|trpo)
+  reward.source (gold|gsm8k|reward_model), reward.path, reward.normalize      online stages
+  eval.every_n_steps, eval.prompts, eval.max_new_tokens, eval.at_start
+  trainer.max_steps, trainer.accelerator, trainer.devices, trainer.precision, trainer.strategy,
+    trainer.val_check_interval, trainer.log_every_n_steps, trainer.enable_progress_bar
+  logger.kind (csv|wandb|both|none), logger.project, logger.group, logger.tags, logger.name,
+    logger.offline
+
+examples:
+  rlhf-lab fit sft --config experiments/configs/sft_dolly_lora.yaml
+  rlhf-lab fit pretrain --task arithmetic --trainer.max_steps 200 --out runs/p
+  rlhf-lab fit ppo --config experiments/configs/rl_gsm8k.yaml --config.lr 5e-5 --print_config
+"""
+
+
+def _stage_keys_help(stage: str | None) -> str:
+    """The config.* keys of one stage (or of all) with defaults and notes, for fit --help."""
+    from rlhf_lab.config import field_help
+    from rlhf_lab.stages import STAGES
+
+    lines = []
+    stage = "online_rl" if stage in ("reinforce", "rloo", "grpo", "trpo") else stage
+    for name in ([stage] if stage in STAGES else STAGES):
+        lines.append(f"config.* of stage {name} ({STAGES[name][1].__name__}):")
+        for key, default, note in field_help(STAGES[name][1]):
+            lines.append(f"  config.{key:<22} {default:<10} {note}")
+    return "\n".join(lines)
+
+
+def _fit(args: argparse.Namespace, overrides: list[str]) -> int:
+    from rlhf_lab.config import ConfigError, apply_overrides, dump_yaml, load_yaml, parse_overrides
+    from rlhf_lab.experiment import merge_dicts
+
+    data: dict = {}
+    source = None
+    try:
+        for path in args.config or []:
+            data = merge_dicts(data, load_yaml(path))
+            source = path
+        pairs = parse_overrides(overrides)
+        data = apply_overrides(data, pairs)
+        if args.out:
+            data["out"] = args.out
+        if args.task:
+            data["task"] = args.task
+        _quiet()
+        from rlhf_lab.experiment import build_fit_config, fit
+        from rlhf_lab.runs import plain_config
+
+        config = build_fit_config(data, stage=args.stage, source=source)
+    except (ConfigError, ValueError) as e:
+        print(f"rlhf-lab fit: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(dump_yaml(plain_config(config)), end="")
+        return 0
+    fit(config)
+    return 0
+
+
+def _add_fit(sub, argv: list[str]) -> None:
+    stage = next((a for a in argv[argv.index("fit") + 1:] if not a.startswith("-")), None) \
+        if "fit" in argv else None
+    fit = sub.add_parser(
+        "fit", help="train one stage from a YAML config plus --key.sub overrides",
+        description="Train one stage (pretrain, sft, reward_model, dpo, online_rl, online_dpo; ppo, reinforce, "
+        "rloo, grpo and trpo are online_rl with that preset) from a "
+        "YAML config whose keys are overridden by --key.sub value arguments (LightningCLI style). "
+        "Writes <out>/<stage>/: the policy as an HF folder (use it as the next stage's "
+        "model.backbone), metrics.csv, config.yaml (the resolved config) and summary.json.",
+        epilog=FIT_EPILOG + "\n" + _stage_keys_help(stage),
+        formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
+    fit.add_argument("stage", choices=list(STAGE_NAMES), help="the stage to train")
+    fit.add_argument("--config", action="append", metavar="FILE.yaml",
+                     help="YAML config (repeatable: later files override earlier ones)")
+    fit.add_argument("--out", help="run folder (same as --out in the YAML; default runs/fit)")
+    fit.add_argument("--task", choices=list(TASKS), help="built-in task as data and gold judge")
+    fit.add_argument("--print_config", "--print-config", action="store_true", dest="print_config",
+                     help="print the resolved config as YAML and exit")
+    fit.set_defaults(func=_fit, takes_overrides=True)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+def _read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        if args.prompts_file.endswith((".jsonl", ".jsonl.gz", ".json")):
+            from rlhf_lab.data import load_prompts
+
+            prompts += list(load_prompts(args.prompts_file, args.field))
+        else:
+            from rlhf_lab.data import load_text
+
+            prompts += [line.replace("\\n", "\n") for line in load_text(args.prompts_file, unit="line")]
+    if args.escapes:
+        prompts = [p.encode().decode("unicode_escape") for p in prompts]
+    if not prompts:
+        raise SystemExit("rlhf-lab: error: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts
+
+
+def _generate(args: argparse.Namespace) -> int:
+    _quiet()
+    import json
+
+    import torch
+
+    from rlhf_lab.policy import Policy
+
+    prompts = _read_prompts(args)
+    policy = Policy.load(args.checkpoint).eval()
+    generator = torch.Generator().manual_seed(args.seed)
+    rows = []
+    with torch.no_grad():
+        for i in range(0, len(prompts), args.batch_size):
+            rollout = policy.generate(prompts[i:i + args.batch_size], max_new_tokens=args.max_new_tokens,
+                                      temperature=args.temperature, top_p=args.top_p, greedy=args.greedy,
+                                      samples_per_prompt=args.samples, generator=generator)
+            rows += [{"prompt": p, "completion": c} for p, c in zip(rollout.prompts, rollout.completions, strict=True)]
+    if args.out:
+        with open(args.out, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+        print(f"wrote {len(rows)} completions to {args.out}")
+    else:
+        for r in rows:
+            print(f"{r['prompt']!r} -> {r['completion']!r}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    gen = sub.add_parser(
+        "generate", help="sample completions from a checkpoint folder",
+        description="Sample completions from any checkpoint folder a stage wrote (or a local HF folder "
+        "saved by Policy.save). Prints prompt -> completion, or writes JSON lines with --out.")
+    gen.add_argument("checkpoint", help="checkpoint folder (e.g. runs/fit/sft)")
+    gen.add_argument("--prompt", action="append", help="a prompt (repeatable); see --escapes")
+    gen.add_argument("--prompts-file", help=".jsonl/.json (field --field) or a text file with one prompt per line "
+                     "(\\n in a line becomes a newline)")
+    gen.add_argument("--field", default="prompt", help="the prompt field of a .jsonl prompts file (default: prompt)")
+    gen.add_argument("--escapes", action="store_true", help="interpret backslash escapes (\\n) in the prompts")
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="response length limit (default: 32)")
+    gen.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: 1.0)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    gen.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    gen.add_argument("--samples", type=int, default=1, help="completions per prompt (default: 1)")
+    gen.add_argument("--batch-size", type=int, default=64, help="prompts per generate call (default: 64)")
+    gen.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
+    gen.add_argument("--out", help="write JSON lines {prompt, completion} here instead of printing")
+    gen.set_defaults(func=_generate)
+
+
+# --------------------------------------------------------------------------- eval
+
+
+def _eval(args: argparse.Namespace) -> int:
+    _quiet()
+    from rlhf_lab.experiment import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, task=args.task, data_format=args.format, data_path=args.data,
+                        on_error=args.on_error, reward_model=args.reward_model, reference=args.reference,
+                        n_prompts=args.prompts, max_new_tokens=args.max_new_tokens, greedy=not args.sample,
+                        seed=args.seed, out=args.out)
+    return 0
+
+
+def _add_eval(sub) -> None:
+    ev = sub.add_parser(
+        "eval", help="run the evaluation metrics on a checkpoint",
+        description="Generate on an evaluation prompt set and compute the val/ metrics that apply: "
+        "response length and distinct-1/2 always; val/gold_reward with a task (or GSM8K data); "
+        "val/reward with --reward-model; val/rouge1/2/L and val/perplexity when the data has "
+        "reference completions; val/win_rate (judged by the reward model, else the gold judge) and "
+        "val/kl with --reference; val/reward_model_accuracy for preference data with a reward model. "
+        "Prints the metrics and writes metrics.json and samples.csv to --out.")
+    ev.add_argument("checkpoint", help="checkpoint folder to evaluate")
+    ev.add_argument("--task", choices=list(TASKS), help="built-in task: its eval prompts and gold judge")
+    ev.add_argument("--data", help="data file of the eval prompts (and references / pairs)")
+    ev.add_argument("--format", default="prompt_completion", choices=list(DATA_FORMATS),
+                    help="format of --data (default: prompt_completion)")
+    ev.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad rows in --data")
+    ev.add_argument("--reward-model", help="reward-model checkpoint: val/reward (and the win-rate judge)")
+    ev.add_argument("--reference", help="reference checkpoint (e.g. the SFT policy): val/win_rate and val/kl")
+    ev.add_argument("--prompts", type=int, default=200, help="evaluate the first N prompts (default: 200)")
+    ev.add_argument("--max-new-tokens", type=int, default=None, help="response length (default: the task's, else 64)")
+    ev.add_argument("--sample", action="store_true", help="sample at temperature 1 instead of greedy decoding")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the sampling (default: 0)")
+    ev.add_argument("--out", help="folder for metrics.json and samples.csv (default: <checkpoint>/eval)")
+    ev.set_defaults(func=_eval)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rlhf-lab",
+        description="rlhf_lab: train language models from feedback (pretrain, SFT, reward model, "
+        "PPO/REINFORCE/RLOO/GRPO/TRPO, DPO) with PyTorch Lightning.",
+    )
+    parser.add_argument("--version", action="version", version=f"rlhf_lab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_demo(sub)
+    _add_fit(sub, list(argv or []))
+    _add_generate(sub)
+    _add_eval(sub)
+    try:  # DEV-ONLY guard until rlhf_lab.compare lands
+        from rlhf_lab.compare.cli import add_compare_command
+
+        add_compare_command(sub)
+    except ModuleNotFoundError:
+        pass
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if getattr(args, "takes_overrides", False):
+        return args.func(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args)
 
 

@@ -1,21 +1,108 @@
-"""Every experiment script runs in a tiny setting and leaves its checkpoints."""
+"""Every experiment script runs in a tiny setting, and every YAML config parses against its stage."""
 
+import glob
+import json
 import os
 import subprocess
 import sys
 
+import pytest
+
+from rlhf_lab.config import load_yaml
+from rlhf_lab.experiment import build_fit_config
+from rlhf_lab.stages import get_stage
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "**", "*.yaml"), recursive=True))
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
+TINY_GPT2 = ["--model.overrides", "{n_layer: 1, n_embd: 32, n_head: 2}", "--model.vocab_size", "300"]
+QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
-def test_sft_then_ppo_on_gold_script(tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "sft_then_ppo_on_gold.py"), "--out", str(out),
-         "--sft-steps", "5", "--ppo-iterations", "1"],
-        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+def test_there_are_configs_and_scripts():
+    assert len(CONFIGS) >= 8 and len(SCRIPTS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_every_yaml_parses_against_its_stage_config(path):
+    config = build_fit_config(load_yaml(path), source=path)
+    assert isinstance(config.config, get_stage(config.stage)[1])
+    # Every key the file sets under config: reached the stage's dataclass unchanged.
+    for key, value in (load_yaml(path).get("config") or {}).items():
+        if key != "preset":
+            assert getattr(config.config, key) == value, key
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=os.path.basename)
+def test_every_script_is_short(path):
+    with open(path) as f:
+        assert len(f.read().splitlines()) < 40
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """Tiny Dolly-, HH- and GSM8K-format files (the real ones live in ../shared/data)."""
+    d = tmp_path_factory.mktemp("data")
+    dolly = [{"instruction": f"Name colour {i}", "context": "" if i % 2 else f"Colours: red blue {i}",
+              "response": f"The colour is {'red' if i % 3 else 'blue'}."} for i in range(24)]
+    hh = [{"chosen": f"\n\nHuman: hello {i}\n\nAssistant: Hi, how can I help?",
+           "rejected": f"\n\nHuman: hello {i}\n\nAssistant: Go away."} for i in range(24)]
+    gsm = [{"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
+           for a in range(6) for b in range(4)]
+    for name, rows in (("dolly", dolly), ("hh", hh), ("gsm8k", gsm)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def _run(script: str, *args: str, quiet: bool = True) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "experiments", script), *args, *(QUIET if quiet else [])],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "greedy gold accuracy: SFT" in proc.stdout
+    return proc.stdout
+
+
+def test_toy_pipeline(tmp_path):
+    out = _run("toy_pipeline.py", "--out", str(tmp_path), "--trainer.max_steps", "3", "--eval.prompts", "8")
+    assert "reward model val accuracy" in out and "SFT" in out and "-> PPO" in out
+    for stage in ("pretrain", "sft", "reward_model", "ppo"):
+        summary = json.loads((tmp_path / stage / "summary.json").read_text())
+        # PPO's one iteration takes all its 2 x 4 minibatch steps before max_steps can stop it.
+        assert summary["steps"] == (8 if stage == "ppo" else 3) and (tmp_path / stage / "metrics.csv").exists()
+    assert (tmp_path / "reward_model" / "scalar_head.safetensors").exists()
+
+
+def test_lora_sft_dolly(tmp_path, data_dir):
+    out = _run("lora_sft_dolly.py", "--data.path", str(data_dir / "dolly.jsonl"), "--out", str(tmp_path),
+               "--trainer.max_steps", "3", "--eval.prompts", "4", "--eval.max_new_tokens", "8", "--model.vocab_size",
+               "300", "--model.overrides", "{num_hidden_layers: 1, hidden_size: 32, ffn_dim: 64, word_embed_proj_dim: 32}")
+    for key in ("val/rouge1", "val/rougeL", "val/perplexity"):
+        assert key in out
+    assert (tmp_path / "sft" / "adapter_config.json").exists()  # a LoRA adapter folder
+    metrics = json.loads((tmp_path / "sft" / "eval" / "metrics.json").read_text())["metrics"]
+    assert metrics["val/perplexity"] > 1 and 0 <= metrics["val/rougeL"] <= 1
+
+
+def test_dpo_hh(tmp_path, data_dir):
+    out = _run("dpo_hh.py", "--data.path", str(data_dir / "hh.jsonl"), "--out", str(tmp_path),
+               "--trainer.max_steps", "4", "--trainer.val_check_interval", "2", *TINY_GPT2)
+    assert "implicit-reward accuracy" in out
+    assert json.loads((tmp_path / "dpo" / "summary.json").read_text())["metrics"]["val/loss"] > 0
+
+
+def test_rl_gsm8k(tmp_path, data_dir):
+    path = str(data_dir / "gsm8k.jsonl")
+    out = _run("rl_gsm8k.py", "--data.path", path, "--data.val_path", path, "--out", str(tmp_path),
+               "--trainer.max_steps", "2", "--eval.prompts", "4", "--eval.max_new_tokens", "8", *TINY_GPT2)
+    assert "-> GRPO" in out
+    rl = json.loads((tmp_path / "online_rl" / "summary.json").read_text())
+    assert rl["config"]["config"]["algorithm"] == "grpo" and rl["config"]["reward"]["source"] == "gsm8k"
+    assert "train/reward" in rl["metrics"] and 0 <= rl["metrics"]["val/gold_reward"] <= 1
+
+
+def test_sft_then_ppo_on_gold(tmp_path):
+    out = _run("sft_then_ppo_on_gold.py", "--out", str(tmp_path), "--sft-steps", "5", "--ppo-iterations", "1", quiet=False)
+    assert "greedy gold accuracy: SFT" in out
     for stage in ("sft", "ppo"):
-        assert (out / stage / "model.safetensors").exists()
-    assert (out / "ppo" / "scalar_head.safetensors").exists()
+        assert (tmp_path / stage / "model.safetensors").exists()
+    assert (tmp_path / "ppo" / "scalar_head.safetensors").exists()
