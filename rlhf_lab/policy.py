@@ -20,7 +20,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import logging
 import os
+import shutil
 
 import torch
 from peft import PeftModel
@@ -41,6 +43,8 @@ from rlhf_lab.models.lora import (
 from rlhf_lab.models.lora import save_adapter as write_adapter
 from rlhf_lab.models.tokenizer import load_tokenizer
 from rlhf_lab.rollout import Rollout
+
+log = logging.getLogger(__name__)
 
 HEAD_FILE = "scalar_head.safetensors"
 POLICY_FILE = "rlhf_lab_policy.json"
@@ -93,7 +97,8 @@ def _load_base(path: str, meta: dict) -> PreTrainedModel:
     with open(os.path.join(path, ADAPTER_CONFIG)) as f:
         peft_named = json.load(f).get("base_model_name_or_path") or ""
     named = meta.get("base_model")
-    candidates = [os.path.join(path, BASE_DIR), os.path.join(path, named) if named else "", peft_named]
+    # The metadata's own choice first: a stale base/ left by an earlier save must not win over it.
+    candidates = [os.path.join(path, named) if named else "", os.path.join(path, BASE_DIR), peft_named]
     for base_dir in candidates:
         if base_dir and os.path.isdir(base_dir):
             return AutoModelForCausalLM.from_pretrained(base_dir)
@@ -310,6 +315,9 @@ class Policy(nn.Module):
         if known is None:
             raise ValueError(f"save_base=False names the base's folder, but this base was not loaded "
                              f"from a local folder (name_or_path={source!r}); save it with save_base=True")
+        stale = os.path.join(path, BASE_DIR)
+        if os.path.isdir(stale):  # an earlier save into this folder wrote a base; it is not this one
+            shutil.rmtree(stale)
         return known
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -552,6 +560,18 @@ class Policy(nn.Module):
     def _generate(self, prompts, max_new_tokens, temperature, top_p, greedy, samples_per_prompt,
                   suppress_eos, generator) -> Rollout:
         prompt_ids, prompt_mask = self.encode_prompts(prompts)
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if limit and prompt_ids.shape[1] + max_new_tokens > limit:
+            # Keep the end of each prompt (next to the answer) so prompt + response fits the model.
+            keep = limit - max_new_tokens
+            if keep < 1:
+                raise ValueError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
+                                 f"model's {limit} positions")
+            n_cut = int((prompt_mask.sum(dim=1) > keep).sum())
+            prompt_ids, prompt_mask = prompt_ids[:, -keep:], prompt_mask[:, -keep:]
+            if n_cut:
+                log.warning("generate: cut the start of %d of %d prompts to %d tokens (the model has %d "
+                            "positions, %d go to the response)", n_cut, len(prompts), keep, limit, max_new_tokens)
         if samples_per_prompt > 1:
             prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
             prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)

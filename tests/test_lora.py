@@ -344,6 +344,13 @@ def test_adapter_alone_goes_onto_a_base_and_a_known_base_is_referenced(make_poli
     assert meta["base_model"] == str(tmp_path / "base")
     torch.testing.assert_close(Policy.load(str(tmp_path / "run")).logprobs(ids, attn), policy.logprobs(ids, attn),
                                atol=1e-6, rtol=0)
+    # Saving over a folder that holds another policy's copied base removes that stale base/.
+    make_policy(seed=1, lora=LoraSettings()).save(str(tmp_path / "reused"))
+    assert (tmp_path / "reused" / "base").exists()
+    policy.save(str(tmp_path / "reused"))
+    assert not (tmp_path / "reused" / "base").exists()
+    torch.testing.assert_close(Policy.load(str(tmp_path / "reused")).logprobs(ids, attn), policy.logprobs(ids, attn),
+                               atol=1e-6, rtol=0)
     policy.save(str(tmp_path / "standalone"), save_base=True)
     assert (tmp_path / "standalone" / "base" / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "base")

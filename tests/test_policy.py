@@ -152,3 +152,24 @@ def test_critic_must_share_the_tokenizer(make_policy):
     critic = Policy(build_tiny_model("gpt2-tiny", other, n_layer=1, n_embd=32, n_head=2), other, scalar_head=True)
     with pytest.raises(ValueError, match="same tokenizer"):
         make_policy(critic=critic)
+
+
+def test_long_prompts_keep_their_end_to_fit_the_positions(tokenizer, caplog):
+    import logging
+
+    torch.manual_seed(0)
+    policy = Policy(build_tiny_model("gpt2-tiny", tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=24),
+                    tokenizer)
+    long = "Q: " + "1+2+3+4+5+6+7+8+9+" * 3 + "0=\nA:"  # more than 24 tokens
+    short = "Q: 2+3=\nA:"
+    assert len(tokenizer(long)["input_ids"]) > 24
+    with caplog.at_level(logging.WARNING, logger="rlhf_lab.policy"):
+        rollout = policy.generate([long, short], max_new_tokens=4, greedy=True, suppress_eos=True)
+    assert "cut the start of 1 of 2 prompts to 20 tokens" in caplog.text
+    assert rollout.input_ids.shape[1] == 24  # 20 prompt columns + 4 response tokens
+    # The kept end of the long prompt is its last 20 tokens; the short prompt is untouched.
+    assert rollout.input_ids[0, :20].tolist() == tokenizer(long)["input_ids"][-20:]
+    n_short = len(tokenizer(short)["input_ids"])
+    assert rollout.input_ids[1, 20 - n_short:20].tolist() == tokenizer(short)["input_ids"]
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        policy.generate([short], max_new_tokens=24)

@@ -42,3 +42,27 @@ def test_normalize_gives_zero_mean_unit_std_and_critic_matches(make_policy, task
 def test_reward_model_source_needs_a_head(make_policy):
     with pytest.raises(ValueError, match="scalar head"):
         RewardModelSource(make_policy())
+
+
+def test_weighted_sum_adds_weighted_scores():
+    from rlhf_lab.rewards import WeightedSum
+
+    length = CallableSource(lambda p, c: [float(len(x)) for x in c])  # 2 and 4 characters
+
+    def is_five(prompts, completions):  # a plain function returning a list
+        return [1.0 if c.strip() == "5" else 0.0 for c in completions]
+
+    reward = WeightedSum((0.5, length), (2.0, is_five))
+    # " 5": 0.5·2 + 2·1 = 3.0; " 6 6": 0.5·4 + 2·0 = 2.0
+    assert reward(["q", "q"], [" 5", " 6 6"]).tolist() == [3.0, 2.0]
+    with pytest.raises(ValueError, match="at least one"):
+        WeightedSum()
+    with pytest.raises(ValueError, match="pair"):
+        WeightedSum((length, 1.0))
+
+
+def test_a_stage_without_rows_fails_clearly(make_policy):
+    from rlhf_lab.stages import RewardModel
+
+    with pytest.raises(ValueError, match="got 0 rows"):
+        RewardModel(make_policy(scalar_head=True), [])

@@ -56,6 +56,8 @@ class SFTDataset(Dataset):
     """
 
     def __init__(self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int = 128):
+        if not rows:
+            raise ValueError("got 0 rows: a stage needs at least one prompt/completion (or preference) row")
         self.items = []
         self.n_truncated = 0
         for i, row in enumerate(rows):

@@ -2,7 +2,8 @@
 
 A reward source is any callable `(prompts: list[str], completions: list[str]) -> Tensor (B,)`.
 `RewardModelSource` wraps a trained reward model (a `Policy` with a scalar head); `CallableSource`
-wraps a Python function returning floats, such as a task's gold judge.
+wraps a Python function returning floats, such as a task's gold judge; `WeightedSum` combines
+several sources.
 """
 
 from __future__ import annotations
@@ -24,6 +25,30 @@ class CallableSource:
 
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         return torch.as_tensor(self.fn(prompts, completions), dtype=torch.float)
+
+
+class WeightedSum:
+    """r(x, y) = Σ_k w_k · r_k(x, y): several reward sources as one, from `(weight, source)` pairs.
+
+    Each source is called once per batch; a source that returns a list (a plain judge function)
+    is turned into a float tensor first.
+    """
+
+    def __init__(self, *terms: tuple[float, Callable]):
+        if not terms:
+            raise ValueError("WeightedSum needs at least one (weight, source) pair")
+        for term in terms:
+            if not (isinstance(term, tuple) and len(term) == 2 and isinstance(term[0], (int, float))
+                    and callable(term[1])):
+                raise ValueError(f"each term must be a (weight, source) pair, got {term!r}")
+        self.terms = terms
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        total = None
+        for weight, source in self.terms:
+            scores = torch.as_tensor(source(prompts, completions), dtype=torch.float)
+            total = weight * scores if total is None else total + weight * scores
+        return total
 
 
 class RewardModelSource:

@@ -259,7 +259,7 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
         self.budget.optimizer_steps += 1
         self._log_preference("train", loss, m, n_pairs)
         self._log_sampling({**metrics, **self.budget.metrics()}, batch_size=n_pairs)
-        self.history.append({"iteration": len(self.history) + 1, **metrics, "train/loss": float(loss)})
+        self.history.append({"iteration": len(self.history) + 1, **metrics, "train/loss": float(loss.detach())})
         return loss
 
     def _log_sampling(self, metrics: dict, batch_size: int) -> None:
