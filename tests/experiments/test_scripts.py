@@ -15,7 +15,7 @@ from rlhf_lab.stages import get_stage
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "experiments", "configs", "**", "*.yaml"), recursive=True))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "experiments", "*.py")))
-TINY_GPT2 = ["--model.overrides", "{n_layer: 1, n_embd: 32, n_head: 2}", "--model.vocab_size", "300"]
+TINY_GPT2 = ["--model.overrides", "{n_layer: 1, n_embd: 32, n_head: 2, n_positions: 384}", "--model.vocab_size", "300"]
 QUIET = ["--trainer.enable_progress_bar", "false"]
 
 
@@ -44,7 +44,7 @@ def data_dir(tmp_path_factory):
     """Tiny Dolly-, HH- and GSM8K-format files (the real ones live in ../shared/data)."""
     d = tmp_path_factory.mktemp("data")
     dolly = [{"instruction": f"Name colour {i}", "context": "" if i % 2 else f"Colours: red blue {i}",
-              "response": f"The colour is {'red' if i % 3 else 'blue'}."} for i in range(24)]
+              "response": f"The colour is {'red' if i % 3 else 'blue'}. " * 8} for i in range(24)]
     hh = [{"chosen": f"\n\nHuman: hello {i}\n\nAssistant: Hi, how can I help?",
            "rejected": f"\n\nHuman: hello {i}\n\nAssistant: Go away."} for i in range(24)]
     gsm = [{"question": f"What is {a} plus {b}?", "answer": f"{a}+{b}=<<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"}
@@ -75,7 +75,8 @@ def test_toy_pipeline(tmp_path):
 def test_lora_sft_dolly(tmp_path, data_dir):
     out = _run("lora_sft_dolly.py", "--data.path", str(data_dir / "dolly.jsonl"), "--out", str(tmp_path),
                "--trainer.max_steps", "3", "--eval.prompts", "4", "--eval.max_new_tokens", "8", "--model.vocab_size",
-               "300", "--model.overrides", "{num_hidden_layers: 1, hidden_size: 32, ffn_dim: 64, word_embed_proj_dim: 32}")
+               "300", "--model.overrides",
+               "{num_hidden_layers: 1, hidden_size: 32, ffn_dim: 64, word_embed_proj_dim: 32, max_position_embeddings: 320}")
     for key in ("val/rouge1", "val/rougeL", "val/perplexity"):
         assert key in out
     assert (tmp_path / "sft" / "adapter_config.json").exists()  # a LoRA adapter folder
