@@ -308,12 +308,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_fit(sub, list(argv or []))
     _add_generate(sub)
     _add_eval(sub)
-    try:  # DEV-ONLY guard until rlhf_lab.compare lands
-        from rlhf_lab.compare.cli import add_compare_command
+    from rlhf_lab.compare.cli import add_compare_command
 
-        add_compare_command(sub)
-    except ModuleNotFoundError:
-        pass
+    add_compare_command(sub)
     return parser
 
 

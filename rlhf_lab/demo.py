@@ -110,17 +110,33 @@ def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: i
 
     For every prompt whose samples disagree, each distinct completion is paired with each distinct
     completion the judge scores lower (at most `max_pairs_per_prompt` pairs, drawn at random), so
-    the reward model learns from real policy outputs ranked by the judge.
+    the reward model learns from real policy outputs ranked by the judge. Returns the pairs as
+    `{"prompt", "chosen", "rejected"}` rows (`rank_into_pairs`).
     """
     gen = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     rollout = policy.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                               samples_per_prompt=samples, generator=gen)
     scores = judge(rollout.prompts, rollout.completions)
+    return rank_into_pairs(rollout.prompts, rollout.completions, scores, rng, max_pairs_per_prompt)
+
+
+def rank_into_pairs(prompts: list[str], completions: list[str], scores, rng: random.Random,
+                    max_pairs_per_prompt: int = 16) -> list[dict]:
+    """Preference pairs from scored samples: per prompt, each distinct completion against each lower one.
+
+    `prompts[i]`, `completions[i]`, `scores[i]` describe sample i (any order; a prompt may recur).
+    Samples are grouped by prompt (in order of first appearance); a completion seen twice keeps
+    its first score. Within a prompt, every distinct completion is paired with every distinct
+    completion that scored strictly lower; a prompt with more than `max_pairs_per_prompt` such
+    pairs keeps a random subset drawn with `rng`. Returns `{"prompt", "chosen", "rejected"}` rows.
+    """
+    groups: dict[str, dict[str, float]] = {}
+    for prompt, completion, score in zip(prompts, completions, scores, strict=True):
+        groups.setdefault(prompt, {}).setdefault(completion, float(score))
     pairs = []
-    for k, prompt in enumerate(prompts):
-        rows = range(k * samples, (k + 1) * samples)
-        scored = sorted({(rollout.completions[i], scores[i]) for i in rows})
+    for prompt, scored_map in groups.items():
+        scored = sorted(scored_map.items())
         combos = [(a, b) for a, sa in scored for b, sb in scored if sa > sb]
         if len(combos) > max_pairs_per_prompt:
             combos = rng.sample(combos, max_pairs_per_prompt)
@@ -205,37 +221,42 @@ def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float,
     plt.close(fig)
 
 
-def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
-             algorithm: str = "ppo", progress: bool = True, echo=print) -> dict:
-    """Run the four stages and write everything to `out` (default `runs/demo-<time>/`).
+@dataclass
+class Base:
+    """What `build_base` leaves: the shared start of every RL / preference stage.
 
-    The folder holds `pretrain/`, `sft/`, `reward_model/`, `ppo/` — each an HF checkpoint folder
-    (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv` —
-    plus `summary.json` and `rl_curve.png`. Returns the summary dict.
+    The same objects are also on disk under the base folder (`pretrain/`, `sft/`, `reward_model/`).
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+
+    task: object  # the task (rlhf_lab.tasks)
+    sft: Policy  # the SFT policy, as trained (the start of every last stage)
+    reward_policy: Policy  # the reward model (a Policy with a scalar head)
+    reward_fn: RewardModelSource  # the reward model as a reward source, normalised on SFT samples
+    pairs: list[dict]  # the gold-ranked preference pairs, shuffled; the first `n_val` are held out
+    n_val: int
+    sft_before: list[str]  # greedy SFT completions of the task's eval prompts
+    summary: dict  # the `pretrain`, `sft` and `reward_model` entries of the demo's summary.json
+
+
+def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
+               run_config=None, progress: bool = True, echo=print, normalize_temperature: float = 1.0) -> Base:
+    """Stages 1-3 of the demo: pretrain → SFT → preference pairs → reward model → normalised reward.
+
+    Writes `pretrain/`, `sft/` and `reward_model/` (HF folders beside each stage's Lightning logs)
+    into `out`, prints a table per stage through `echo`, and seeds everything with `config.seed`
+    first. The reward model is normalised (mean 0, std 1) on one sample per RL prompt from the SFT
+    policy at `normalize_temperature`. `logger` and `run_config` go to every stage's Trainer
+    (`rlhf_lab.runs.make_trainer`). Returns a `Base`.
+    """
     c = config or DemoConfig()
     task = get_task(c.task)
     max_new_tokens = c.max_new_tokens or task.max_new_tokens
-    rl_config = c.rl_config(algorithm if algorithm in RL_ALGORITHMS else "ppo", max_new_tokens)
-    out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
-    run_name = os.path.basename(os.path.normpath(out))
-    start = time.perf_counter()
     L.seed_everything(c.seed, verbose=False)
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
     judge = task.gold_reward
     eval_prompts = task.eval_prompts()
-    # One wandb group per demo run, one wandb run per stage; every stage records the whole config.
-    log_config = logger if isinstance(logger, LoggerConfig) else LoggerConfig(kind=logger)
-    log_config = dataclasses.replace(
-        log_config, group=log_config.group or run_name,
-        tags=[*log_config.tags, f"task:{task.name}", f"backbone:{c.backbone}", f"algorithm:{algorithm}"])
-    trainer_kw = dict(logger=log_config, run_config={"demo": asdict(c), "algorithm": algorithm},
-                      enable_progress_bar=progress)
-    summary: dict = {"task": task.name, "backbone": c.backbone, "lora": c.lora is not None, "seed": c.seed,
-                     "config": asdict(c)}
+    trainer_kw = dict(logger=logger, run_config=run_config, enable_progress_bar=progress)
+    summary: dict = {}
 
     # 1. Pretraining: a named backbone starts from scratch with a tokenizer trained on the task's
     # own text; a local HF folder brings its weights and tokenizer and is trained further.
@@ -290,10 +311,54 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
                                  ("val accuracy", f"{val['val/accuracy']:.1%}")]))
 
-    # 4. RL against the learned reward model; the gold judge only watches. The reward model is
-    # normalised on SFT samples, and a critic (PPO's) starts as a copy of it (Ouyang et al. 2022).
-    samples = policy.generate(rm_prompts, max_new_tokens=max_new_tokens, temperature=rl_config.temperature)
+    # The reward model is normalised on SFT samples, so a score reads in standard deviations of
+    # the SFT policy's rewards (Stiennon et al. 2020; Ouyang et al. 2022).
+    samples = policy.generate(rm_prompts, max_new_tokens=max_new_tokens, temperature=normalize_temperature)
     reward_fn = RewardModelSource(reward_policy).normalize(samples.prompts, samples.completions)
+    return Base(task=task, sft=policy, reward_policy=reward_policy, reward_fn=reward_fn, pairs=pairs,
+                n_val=n_val, sft_before=before, summary=summary)
+
+
+def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
+             algorithm: str = "ppo", progress: bool = True, echo=print) -> dict:
+    """Run the four stages and write everything to `out` (default `runs/demo-<time>/`).
+
+    The folder holds `pretrain/`, `sft/`, `reward_model/`, `ppo/` — each an HF checkpoint folder
+    (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv` —
+    plus `summary.json` and `rl_curve.png`. Stages 1-3 are `build_base`. Returns the summary dict.
+    """
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+    c = config or DemoConfig()
+    task = get_task(c.task)
+    max_new_tokens = c.max_new_tokens or task.max_new_tokens
+    rl_config = c.rl_config(algorithm if algorithm in RL_ALGORITHMS else "ppo", max_new_tokens)
+    out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    os.makedirs(out, exist_ok=True)
+    run_name = os.path.basename(os.path.normpath(out))
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), os.cpu_count() or 1)))
+    judge = task.gold_reward
+    eval_prompts = task.eval_prompts()
+    # One wandb group per demo run, one wandb run per stage; every stage records the whole config.
+    log_config = logger if isinstance(logger, LoggerConfig) else LoggerConfig(kind=logger)
+    log_config = dataclasses.replace(
+        log_config, group=log_config.group or run_name,
+        tags=[*log_config.tags, f"task:{task.name}", f"backbone:{c.backbone}", f"algorithm:{algorithm}"])
+    run_config = {"demo": asdict(c), "algorithm": algorithm}
+    trainer_kw = dict(logger=log_config, run_config=run_config, enable_progress_bar=progress)
+    summary: dict = {"task": task.name, "backbone": c.backbone, "lora": c.lora is not None, "seed": c.seed,
+                     "config": asdict(c)}
+
+    # 1-3. Pretrain, SFT, reward model (and its normalisation on SFT samples).
+    base = build_base(out, c, logger=log_config, run_config=run_config, progress=progress, echo=echo,
+                      normalize_temperature=rl_config.temperature)
+    summary.update(base.summary)
+    sft_acc, before = summary["sft"]["gold_accuracy"], base.sft_before
+    pairs, n_val, reward_fn = base.pairs, base.n_val, base.reward_fn
+
+    # 4. RL against the learned reward model; the gold judge only watches. A critic (PPO's)
+    # starts as a copy of the reward model (Ouyang et al. 2022).
     # With LoRA the last stage trains a fresh adapter on the SFT weights and the reference is the
     # same model with the adapter disabled: no second copy in memory.
     reference = "base" if c.lora is not None else "copy"

@@ -84,3 +84,17 @@ def test_fit_generate_and_eval_through_the_command(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert len(table) == 16 and "reward" not in table[0]
     assert {"prompt", "completion", "gold_reward", "reference_completion", "reference_gold_reward"} <= set(table[0])
+
+
+def test_docs_cli_lists_every_fit_key():
+    import pathlib
+
+    from rlhf_lab.config import field_help
+    from rlhf_lab.data import DataConfig
+    from rlhf_lab.experiment import FitConfig
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "cli.md").read_text()
+    keys = [k for k, _, _ in field_help(FitConfig) if not k.startswith("config") and k != "data"]
+    keys += [f"data.{k}" for k, _, _ in field_help(DataConfig)]
+    missing = [k for k in keys if f"`{k}`" not in text]
+    assert not missing, f"docs/cli.md does not document: {missing}"

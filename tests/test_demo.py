@@ -112,3 +112,19 @@ def test_cli_help_lists_demo(capsys):
     for flag in ("--out", "--seed", "--logger", "--quick", "--task", "--backbone", "--lora", "--algorithm"):
         assert flag in text
     assert main([]) == 2
+
+
+def test_rank_into_pairs_pairs_each_completion_with_every_lower_one():
+    import random
+
+    from rlhf_lab.demo import rank_into_pairs
+
+    prompts = ["a", "a", "a", "b", "a", "b"]
+    completions = [" 1", " 2", " 3", " 7", " 2", " 7"]
+    scores = [0.5, 1.0, 0.0, 0.3, 9.9, 0.3]  # " 2" for "a" recurs: its first score (1.0) counts
+    pairs = rank_into_pairs(prompts, completions, scores, random.Random(0))
+    # "a": 2 > 1 > 3 gives three pairs; "b" has one distinct completion, so none.
+    assert sorted((p["prompt"], p["chosen"], p["rejected"]) for p in pairs) == [
+        ("a", " 1", " 3"), ("a", " 2", " 1"), ("a", " 2", " 3")]
+    capped = rank_into_pairs(prompts, completions, scores, random.Random(0), max_pairs_per_prompt=2)
+    assert len(capped) == 2 and all(p in pairs for p in capped)

@@ -107,3 +107,11 @@ def test_sft_then_ppo_on_gold(tmp_path):
     for stage in ("sft", "ppo"):
         assert (tmp_path / stage / "model.safetensors").exists()
     assert (tmp_path / "ppo" / "scalar_head.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_compare_algorithms(tmp_path):
+    out = _run("compare_algorithms.py", "--out", str(tmp_path), "--algorithms", "reinforce,dpo", "--seeds", "1",
+               "--quick", quiet=False)
+    assert "1. " in out and "2. " in out and "mean gold score" in out
+    assert (tmp_path / "report.md").exists() and (tmp_path / "runs" / "dpo-s0" / "result.json").exists()
