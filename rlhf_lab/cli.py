@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 
 from rlhf_lab import __version__
@@ -20,21 +18,9 @@ DATA_FORMATS = ("text", "prompt_completion", "dolly", "alpaca", "gsm8k", "prefer
 
 def _quiet() -> None:
     """Offline hub, and the libraries' start-up chatter off, so our own output stands out."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import warnings
+    from rlhf_lab.runs import quiet_libraries
 
-    import lightning  # noqa: F401  (Lightning sets its loggers' levels on import; ours come after)
-    from transformers.utils import logging as hf_logging
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("rlhf_lab",):
-        logging.getLogger(name).setLevel(logging.INFO)
+    quiet_libraries()
 
 
 # --------------------------------------------------------------------------- demo

@@ -10,7 +10,9 @@ when no `WANDB_API_KEY` is set. `make_trainer` builds the Trainer every stage of
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +20,7 @@ import lightning as L
 
 from rlhf_lab.checks import check_choice
 
-__all__ = ["LoggerConfig", "build_loggers", "finish_loggers", "make_trainer", "plain_config"]
+__all__ = ["LoggerConfig", "build_loggers", "finish_loggers", "make_trainer", "plain_config", "quiet_libraries"]
 
 LOGGER_KINDS = ("csv", "wandb", "both", "none")
 
@@ -108,3 +110,25 @@ def make_trainer(out: str, stage: str, max_steps: int, logger: LoggerConfig | st
                     num_sanity_val_steps=0, default_root_dir=out)
     defaults.update(kwargs)
     return L.Trainer(**defaults)
+
+
+def quiet_libraries() -> None:
+    """Offline hub and no library start-up chatter, for the CLI's process and compare's workers.
+
+    Lightning sets its loggers' levels when it is imported (at the top of this module), so
+    lowering them here sticks. Our own `rlhf_lab` loggers print INFO (load reports, cut counts).
+    """
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True.*")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("rlhf_lab").setLevel(logging.INFO)

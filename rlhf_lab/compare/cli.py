@@ -92,7 +92,8 @@ def compare_main(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"rlhf-lab compare: error: {e}", file=sys.stderr)
         return 2
-    from rlhf_lab.compare.runner import CompareConfigError, quiet_libraries, run_compare
+    from rlhf_lab.compare.runner import CompareConfigError, run_compare
+    from rlhf_lab.runs import quiet_libraries
 
     quiet_libraries()
     try:

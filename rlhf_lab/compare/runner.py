@@ -27,14 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import multiprocessing
 import os
 import random
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -47,7 +45,7 @@ from rlhf_lab.demo import build_base, rank_into_pairs
 from rlhf_lab.eval.metrics import evaluate_policy
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards import CallableSource, RewardModelSource
-from rlhf_lab.runs import LoggerConfig, finish_loggers, make_trainer
+from rlhf_lab.runs import LoggerConfig, finish_loggers, make_trainer, quiet_libraries
 from rlhf_lab.stages import DPO, OnlineDPO, OnlineRL
 from rlhf_lab.tasks import get_task
 
@@ -94,26 +92,6 @@ def _write_json(path: str, data) -> None:
 def _read_json(path: str):
     with open(path) as f:
         return json.load(f)
-
-
-def quiet_libraries() -> None:
-    """Offline hub and no library start-up chatter (the CLI's process and each worker); returns None.
-
-    Lightning sets its loggers' levels when it is imported (at the top of this module), so
-    lowering them here sticks.
-    """
-    from transformers.utils import logging as hf_logging
-
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("WANDB_SILENT", "true")
-
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="lightning")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True.*")
 
 
 # ---------------------------------------------------------------------------------- measuring
