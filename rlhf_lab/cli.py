@@ -7,13 +7,19 @@ import sys
 
 from rlhf_lab import __version__
 
-# The names only; importing rlhf_lab.demo would pull in torch before --help needs it.
-ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo", "dpo", "online_dpo")
-TASKS = ("arithmetic", "alice")
-BACKBONES = ("gpt2-tiny", "llama-tiny", "opt-tiny", "bigram", "lstm", "attention")
-STAGE_NAMES = ("pretrain", "sft", "reward_model", "dpo", "online_rl", "ppo", "online_dpo",
-               "reinforce", "rloo", "grpo", "trpo")
-DATA_FORMATS = ("text", "prompt_completion", "dolly", "alpaca", "gsm8k", "preference", "hh", "gsm8k_pairs", "prompts")
+
+def _names():
+    """The registries the options offer, read when the parser is built (so a task, backbone or
+    preset registered before `main()` is accepted too)."""
+    from rlhf_lab.data import FORMATS
+    from rlhf_lab.demo import ALGORITHMS
+    from rlhf_lab.experiment import PRESET_STAGES
+    from rlhf_lab.models.backbones import backbone_names
+    from rlhf_lab.stages import STAGES
+    from rlhf_lab.tasks import TASKS
+
+    return dict(algorithms=tuple(ALGORITHMS), tasks=tuple(TASKS), backbones=tuple(backbone_names()),
+                stages=(*STAGES, *PRESET_STAGES), formats=tuple(FORMATS))
 
 
 def _quiet() -> None:
@@ -45,7 +51,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
+def _add_demo(sub, names: dict) -> None:
     demo = sub.add_parser(
         "demo",
         help="run the whole pipeline on a built-in task (a few minutes on CPU)",
@@ -56,13 +62,13 @@ def _add_demo(sub) -> None:
     )
     demo.add_argument("--out", default=None, help="run folder (default: runs/demo-<time>/)")
     demo.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    demo.add_argument("--algorithm", default="ppo", choices=list(ALGORITHMS),
+    demo.add_argument("--algorithm", default="ppo", choices=list(names["algorithms"]),
                       help="algorithm of the last stage (default: ppo); the online ones are presets of one loop, "
                       "dpo trains on the gold-ranked pairs, online_dpo ranks fresh samples with the reward model")
-    demo.add_argument("--task", default="arithmetic", choices=list(TASKS),
+    demo.add_argument("--task", default="arithmetic", choices=list(names["tasks"]),
                       help="built-in task (default: arithmetic); alice = questions about Alice in Wonderland")
     demo.add_argument("--backbone", default="gpt2-tiny", metavar="NAME|PATH",
-                      help=f"model: a named tiny config or toy model ({', '.join(BACKBONES)}; default "
+                      help=f"model: a named tiny config or toy model ({', '.join(names['backbones'])}; default "
                       "gpt2-tiny), or a local Hugging Face model folder (its tokenizer is used)")
     demo.add_argument("--lora", action="store_true",
                       help="train a LoRA adapter in the last stage instead of all weights; its reference is "
@@ -147,7 +153,7 @@ def _fit(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _add_fit(sub, argv: list[str]) -> None:
+def _add_fit(sub, argv: list[str], names: dict) -> None:
     stage = next((a for a in argv[argv.index("fit") + 1:] if not a.startswith("-")), None) \
         if "fit" in argv else None
     fit = sub.add_parser(
@@ -159,11 +165,11 @@ def _add_fit(sub, argv: list[str]) -> None:
         "model.backbone), metrics.csv, config.yaml (the resolved config) and summary.json.",
         epilog=FIT_EPILOG + "\n" + _stage_keys_help(stage),
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    fit.add_argument("stage", choices=list(STAGE_NAMES), help="the stage to train")
+    fit.add_argument("stage", choices=list(names["stages"]), help="the stage to train")
     fit.add_argument("--config", action="append", metavar="FILE.yaml",
                      help="YAML config (repeatable: later files override earlier ones)")
     fit.add_argument("--out", help="run folder (same as --out in the YAML; default runs/fit)")
-    fit.add_argument("--task", choices=list(TASKS), help="built-in task as data and gold judge")
+    fit.add_argument("--task", choices=list(names["tasks"]), help="built-in task as data and gold judge")
     fit.add_argument("--print_config", "--print-config", action="store_true", dest="print_config",
                      help="print the resolved config as YAML and exit")
     fit.set_defaults(func=_fit, takes_overrides=True)
@@ -254,7 +260,7 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_eval(sub) -> None:
+def _add_eval(sub, names: dict) -> None:
     ev = sub.add_parser(
         "eval", help="run the evaluation metrics on a checkpoint",
         description="Generate on an evaluation prompt set and compute the val/ metrics that apply: "
@@ -264,9 +270,9 @@ def _add_eval(sub) -> None:
         "val/kl with --reference; val/reward_model_accuracy for preference data with a reward model. "
         "Prints the metrics and writes metrics.json and samples.csv to --out.")
     ev.add_argument("checkpoint", help="checkpoint folder to evaluate")
-    ev.add_argument("--task", choices=list(TASKS), help="built-in task: its eval prompts and gold judge")
+    ev.add_argument("--task", choices=list(names["tasks"]), help="built-in task: its eval prompts and gold judge")
     ev.add_argument("--data", help="data file of the eval prompts (and references / pairs)")
-    ev.add_argument("--format", default="prompt_completion", choices=list(DATA_FORMATS),
+    ev.add_argument("--format", default="prompt_completion", choices=list(names["formats"]),
                     help="format of --data (default: prompt_completion)")
     ev.add_argument("--on-error", default="raise", choices=["raise", "skip"], help="bad rows in --data")
     ev.add_argument("--reward-model", help="reward-model checkpoint: val/reward (and the win-rate judge)")
@@ -290,10 +296,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"rlhf_lab {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_demo(sub)
-    _add_fit(sub, list(argv or []))
+    names = _names()
+    _add_demo(sub, names)
+    _add_fit(sub, list(argv or []), names)
     _add_generate(sub)
-    _add_eval(sub)
+    _add_eval(sub, names)
     from rlhf_lab.compare.cli import add_compare_command
 
     add_compare_command(sub)

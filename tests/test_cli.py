@@ -98,3 +98,15 @@ def test_docs_cli_lists_every_fit_key():
     keys += [f"data.{k}" for k, _, _ in field_help(DataConfig)]
     missing = [k for k in keys if f"`{k}`" not in text]
     assert not missing, f"docs/cli.md does not document: {missing}"
+
+
+def test_the_choices_come_from_the_registries(capsys, monkeypatch):
+    from rlhf_lab.tasks import TASKS, ArithmeticTask
+
+    monkeypatch.setitem(TASKS, "my_task", ArithmeticTask)
+    for command in ("demo", "fit", "eval", "compare"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "my_task" in capsys.readouterr().out, command
+    assert main(["fit", "sft", "--task", "my_task", "--print_config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["task"] == "my_task"

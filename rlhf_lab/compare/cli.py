@@ -16,7 +16,6 @@ from rlhf_lab.compare.config import (
 
 __all__ = ["add_compare_command", "compare_main"]
 
-TASKS = ("arithmetic", "alice")
 
 DESCRIPTION = f"""\
 Compare algorithms at an equal budget. Builds one shared base in DIR/base/ (pretrain → SFT →
@@ -50,6 +49,8 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="DIR",
                    help="comparison folder; re-run with the same DIR to resume or extend it")
+    from rlhf_lab.tasks import TASKS
+
     p.add_argument("--task", default="arithmetic", choices=list(TASKS), help="built-in task (default: arithmetic)")
     p.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS), metavar="A,B,...",
                    help=f"comma-separated, from {', '.join(ALGORITHMS)} (default: {','.join(DEFAULT_ALGORITHMS)})")
