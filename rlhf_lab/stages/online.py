@@ -29,8 +29,10 @@ from torch.utils.data import DataLoader
 
 from rlhf_lab.checks import check_choice, check_positive, check_unit_interval
 from rlhf_lab.losses import (
+    AGGREGATIONS,
     BASELINES,
     KL_ESTIMATORS,
+    RATIO_LEVELS,
     AdaptiveKLController,
     FixedKLController,
     entropy_bonus,
@@ -49,8 +51,6 @@ from rlhf_lab.stages.common import Budget
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
-
-BASELINE_CHOICES = ("critic", *BASELINES)
 
 
 @dataclass
@@ -92,7 +92,8 @@ class OnlineRLConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
 
     def __post_init__(self):
-        check_choice("baseline", self.baseline, BASELINE_CHOICES)
+        # Read the registries now, not at import, so an estimator or variant added to them is accepted.
+        check_choice("baseline", self.baseline, ("critic", *BASELINES))
         check_choice("kl_in", self.kl_in, ("reward", "loss"))
         if self.baseline == "leave_one_out" and self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2 for baseline 'leave_one_out' (RLOO)")
@@ -125,8 +126,8 @@ class OnlineRLConfig:
             check_positive("clip_ratio", self.clip_ratio)
         if self.value_clip is not None:
             check_positive("value_clip", self.value_clip)
-        check_choice("ratio_level", self.ratio_level, ("token", "sequence"))
-        check_choice("aggregation", self.aggregation, ("token_mean", "seq_mean"))
+        check_choice("ratio_level", self.ratio_level, tuple(RATIO_LEVELS))
+        check_choice("aggregation", self.aggregation, tuple(AGGREGATIONS))
         check_choice("kl_estimator", self.kl_estimator, tuple(KL_ESTIMATORS))
         check_positive("vf_coef", self.vf_coef, allow_zero=True)
         check_positive("entropy_coef", self.entropy_coef, allow_zero=True)

@@ -205,3 +205,14 @@ def test_replay_needs_scores_and_whole_groups(make_policy, task, tmp_path):
     with pytest.raises(ValueError, match="no scores"):
         OnlineRL(make_policy(reference="copy"), [], CallableSource(_chars), OnlineRLConfig.preset("reinforce"),
                  replay=unscored)
+
+
+def test_config_accepts_a_name_added_to_a_registry(monkeypatch):
+    from rlhf_lab.losses import AGGREGATIONS, BASELINES
+
+    with pytest.raises(ValueError, match="aggregation"):
+        OnlineRLConfig(aggregation="sum")
+    monkeypatch.setitem(AGGREGATIONS, "sum", lambda loss, mask: (loss * mask).sum())
+    monkeypatch.setitem(BASELINES, "zero", BASELINES["none"])
+    config = OnlineRLConfig(aggregation="sum", baseline="zero")
+    assert (config.aggregation, config.baseline) == ("sum", "zero")
