@@ -39,3 +39,29 @@ def make_policy(tokenizer):
         return Policy(model, tokenizer, **kw)
 
     return make
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket connection fails at once and is recorded; no offline variable announces it.
+
+    huggingface_hub reads HF_HUB_OFFLINE at import (set above), so its constant is switched off
+    too: a stray hub request would then really try to connect, and retry, which the returned list
+    of attempted addresses shows. Tests assert on that list, not on wall time.
+    """
+    import socket
+
+    import huggingface_hub
+
+    attempts: list = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args[1] if len(args) > 1 and isinstance(args[0], socket.socket) else args[:1])
+        raise OSError("network disabled by the test")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts

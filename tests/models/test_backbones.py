@@ -1,7 +1,4 @@
-import socket
-import time
 
-import huggingface_hub
 import pytest
 import torch
 from torch import nn
@@ -16,25 +13,6 @@ from rlhf_lab.models.backbones import (
 from rlhf_lab.policy import Policy
 
 HF_NAMES = list(TINY_CONFIGS)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    """Every socket connection fails at once, and no offline variable announces it.
-
-    huggingface_hub reads HF_HUB_OFFLINE at import (tests/conftest.py sets it), so its constant is
-    switched off too: a stray hub request would then really try the network, fail, and retry with
-    backoff for many seconds, which the timing assertions below would catch.
-    """
-
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled by the test")
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
 def _all_dropout_rates(model: nn.Module) -> list[float]:
@@ -129,9 +107,8 @@ def test_local_folder_loads_identical_logits_without_network(name, tokenizer, tm
     torch.manual_seed(0)
     model = build_tiny_model(name, tokenizer).eval()
     model.save_pretrained(tmp_path)
-    start = time.monotonic()
     loaded = load_backbone(str(tmp_path)).eval()
-    assert time.monotonic() - start < 10
+    assert no_network == []  # a local folder never asks the network
     assert type(loaded) is type(model)
     ids = torch.tensor([tokenizer.encode("Q: 2+3=\nA: 5"), tokenizer.encode("Q: 9-4=\nA: 5")])
     with torch.no_grad():
@@ -152,24 +129,23 @@ def test_local_toy_folder_loads_through_auto_classes(tokenizer, tmp_path, no_net
 
 
 def test_hub_name_without_network_fails_fast_with_one_clear_error(no_network):
-    start = time.monotonic()
     with pytest.raises(OSError) as info:
         load_backbone("some-org/some-model")
-    elapsed = time.monotonic() - start
     message = str(info.value)
     assert "'some-org/some-model'" in message
     assert "not found locally" in message and "no network" in message
     assert all(name in message for name in HF_NAMES)  # a mistyped named config is easy to spot
     assert info.value.__cause__ is None and info.value.__suppress_context__
-    assert elapsed < 10, f"offline failure took {elapsed:.1f} s"
+    # Our one probe of the hub, plus at most huggingface_hub's own user-agent lookup (made once per
+    # process); a client that tried to download, with its backoff retries, would connect many times.
+    assert 1 <= len(no_network) <= 2
 
 
-def test_hub_name_with_offline_variable_fails_fast(monkeypatch):
+def test_hub_name_with_offline_variable_fails_fast(no_network, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(OSError, match="not found locally.*HF_HUB_OFFLINE is set"):
         load_backbone("some-org/some-model")
-    assert time.monotonic() - start < 10
+    assert no_network == []
 
 
 def test_local_files_only_never_asks_the_hub(no_network):
@@ -180,3 +156,4 @@ def test_local_files_only_never_asks_the_hub(no_network):
 def test_missing_local_path_fails_at_once(tmp_path, no_network):
     with pytest.raises(OSError, match="does not exist"):
         load_backbone(str(tmp_path / "missing"))
+    assert no_network == []

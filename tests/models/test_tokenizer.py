@@ -1,9 +1,8 @@
 import logging
 import socket
-import time
+import threading
 from pathlib import Path
 
-import huggingface_hub
 import pytest
 from tokenizers import Tokenizer
 from transformers import PreTrainedTokenizerFast
@@ -112,12 +111,11 @@ def test_loads_local_gpt2_and_sets_pad_to_eos():
     assert tok.encode("Hello world") == [15496, 995]
 
 
-def test_offline_unknown_name_fails_fast_with_clear_message(monkeypatch):
+def test_offline_unknown_name_fails_fast_with_clear_message(no_network, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    start = time.monotonic()
     with pytest.raises(OSError, match="not found locally.*hub could not be reached"):
         load_tokenizer("rlhf-lab-test/no-such-tokenizer")
-    assert time.monotonic() - start < 5
+    assert no_network == []
 
 
 def test_local_files_only_unknown_name_fails_without_network(monkeypatch):
@@ -127,13 +125,10 @@ def test_local_files_only_unknown_name_fails_without_network(monkeypatch):
         load_tokenizer("rlhf-lab-test/no-such-tokenizer", local_files_only=True)
 
 
-def test_missing_local_path_fails_without_asking_the_hub(monkeypatch, tmp_path):
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    start = time.monotonic()
+def test_missing_local_path_fails_without_asking_the_hub(no_network, tmp_path):
     with pytest.raises(OSError, match="does not exist"):
         load_tokenizer(str(tmp_path / "missing"))
-    assert time.monotonic() - start < 5
+    assert no_network == []
 
 
 # --------------------------------------------------------------------------- pad tokens, offline
@@ -189,25 +184,16 @@ def test_local_gpt2_pads_on_the_left_for_generation():
     assert enc["attention_mask"] == [[1, 1], [0, 1]]
 
 
-def test_hub_name_without_network_fails_fast_with_one_clear_error(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise OSError("network disabled by the test")
-
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    # huggingface_hub read HF_HUB_OFFLINE at import; switch it off so a stray request would retry.
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    start = time.monotonic()
+def test_hub_name_without_network_fails_fast_with_one_clear_error(no_network):
     with pytest.raises(OSError) as info:
         load_tokenizer("some-org/some-tokenizer")
-    elapsed = time.monotonic() - start
     message = str(info.value)
     assert "'some-org/some-tokenizer'" in message
     assert "not found locally" in message and "no network" in message
     assert info.value.__cause__ is None and info.value.__suppress_context__
-    assert elapsed < 10, f"offline failure took {elapsed:.1f} s"
+    # Our one probe of the hub, plus at most huggingface_hub's own user-agent lookup (made once per
+    # process); a client that tried to download, with its backoff retries, would connect many times.
+    assert 1 <= len(no_network) <= 2
 
 
 def test_hub_probe_reports_offline_variable(monkeypatch):
@@ -217,13 +203,18 @@ def test_hub_probe_reports_offline_variable(monkeypatch):
 
 
 def test_hub_probe_is_bounded_when_the_connection_hangs(monkeypatch):
-    def hang(*args, **kwargs):
-        time.sleep(30)
+    released = threading.Event()
+
+    def hang(*args, **kwargs):  # a connect that never answers until the test lets it go
+        released.wait()
+        raise OSError("released")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
     monkeypatch.setattr(socket, "create_connection", hang)
-    start = time.monotonic()
-    reason = hub_unreachable_reason(timeout=0.2)
-    assert reason is not None and "no network" in reason
-    assert time.monotonic() - start < 5
+    try:
+        reason = hub_unreachable_reason(timeout=0.2)
+    finally:
+        released.set()
+    # The probe returned while the connect was still hanging: it gave up after its bound.
+    assert reason is not None and "no answer in 0.2 s" in reason
