@@ -412,16 +412,14 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, data_format: s
     max_new = max_new_tokens or (the_task.max_new_tokens if the_task else 64)
     reward_fn = RewardModelSource(Policy.load(reward_model, scalar_head=True)) if reward_model else None
     ref_policy = Policy.load(reference).eval() if reference else None
-    # The win rate against the reference is judged by the reward model, else by the gold judge.
-    judge = reward_fn or gold
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        result = evaluate_policy(policy, prompts, reward_fn=judge, gold_fn=gold,
+        # The win rate against the reference is judged by the reward model, else by the gold judge.
+        judge = reward_fn or gold
+        result = evaluate_policy(policy, prompts, reward_fn=reward_fn, gold_fn=gold, win_judge=judge,
                                  reference=ref_policy if judge is not None else None, references=references,
                                  max_new_tokens=max_new, greedy=greedy, generator=generator, max_rows=None)
         metrics = dict(result.metrics)
-        if reward_fn is None:
-            metrics.pop("val/reward", None)  # that was the gold judge: it is val/gold_reward
         if ref_policy is not None:
             # KL(policy ‖ reference) on the policy's own samples at temperature 1, per sequence (k1).
             rollout = policy.generate(prompts, max_new_tokens=max_new, generator=generator)
@@ -437,10 +435,6 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, data_format: s
         json.dump({"checkpoint": checkpoint, "task": task, "data": data_path, "prompts": len(prompts),
                    "greedy": greedy, "max_new_tokens": max_new, "metrics": metrics}, f, indent=2)
     columns, data = result.table()
-    if reward_fn is None and "reward" in columns:  # the judge was the gold one: name its columns so
-        keep = [i for i, name in enumerate(columns) if name != "reward"]
-        columns = ["reference_gold_reward" if columns[i] == "reference_reward" else columns[i] for i in keep]
-        data = [[row[i] for i in keep] for row in data]
     with open(os.path.join(out, "samples.csv"), "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)

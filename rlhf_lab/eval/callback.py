@@ -80,8 +80,9 @@ class EvalCallback(L.Callback):
             raise ValueError(f"got {len(references)} references for {len(prompts)} prompts")
         if every_n_steps < 0:
             raise ValueError(f"every_n_steps must be >= 0 (0: only at_start/at_end), got {every_n_steps}")
-        if reference is not None and reward_fn is None:
-            raise ValueError("val/win_rate judges the two completions with reward_fn; pass reward_fn with reference")
+        if reference is not None and reward_fn is None and evaluate_kwargs.get("win_judge") is None:
+            raise ValueError("val/win_rate judges the two completions with win_judge (default reward_fn); "
+                             "pass one of them with reference")
         if not table_name or os.sep in table_name or (os.altsep and os.altsep in table_name):
             raise ValueError(f"table_name must be a plain file stem, got {table_name!r}")
         accepted = set(inspect.signature(evaluate_policy).parameters) - _OWN_ARGS

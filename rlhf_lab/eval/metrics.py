@@ -283,6 +283,7 @@ def evaluate_policy(
     batch_size: int = 64,
     max_rows: int | None = 16,
     max_length: int = 128,
+    win_judge: RewardFn | None = None,
 ) -> EvalResult:
     """Generate on a fixed prompt set and compute the `val/` metrics that apply.
 
@@ -293,7 +294,8 @@ def evaluate_policy(
       - `val/kl`: `sequence_kl` against the policy's own reference (`policy.has_reference`), on the
         generated tokens, at the sampling temperature (1 when greedy) — as `train/kl`.
       - `val/win_rate`: `win_rate` of the policy's completion against `reference`'s completion of
-        the same prompt (same decoding settings; greedy by default), both judged by `reward_fn`.
+        the same prompt (same decoding settings; greedy by default), both judged by `win_judge`
+        (default `reward_fn`; e.g. `gold_fn` when there is no reward model).
         `reference` is an explicit Policy (e.g. the SFT checkpoint) because `Policy.generate`
         always samples from the policy itself; its own reference is only reachable for log-probs.
       - `val/rouge1`, `val/rouge2`, `val/rougeL` (`rouge`, completion vs the prompt's reference
@@ -301,7 +303,9 @@ def evaluate_policy(
         forced, token-level over the set): when `references` (one per prompt) are given.
     `EvalResult.samples` holds the first `max_rows` rows (None: all) as dicts with `prompt`,
     `completion` and, where available, `reward`, `gold_reward`, `reference` (the target text),
-    `reference_completion`, `reference_reward`.
+    `reference_completion`, and the reference completion's score under the win-rate judge
+    (`reference_reward` or `reference_gold_reward` when the judge is `reward_fn` or `gold_fn`; else
+    `judge_score` and `reference_judge_score`).
 
     Prompts go through `policy.generate` in batches of `batch_size`; with `samples_per_prompt > 1`
     each prompt gets that many adjacent rows (the reference as many), all counted in the means.
@@ -310,8 +314,10 @@ def evaluate_policy(
         raise ValueError("evaluate_policy needs at least one prompt")
     if references is not None and len(references) != len(prompts):
         raise ValueError(f"got {len(references)} references for {len(prompts)} prompts")
-    if reference is not None and reward_fn is None:
-        raise ValueError("val/win_rate judges the two completions with reward_fn; pass reward_fn with reference")
+    win_judge = win_judge or reward_fn
+    if reference is not None and win_judge is None:
+        raise ValueError("val/win_rate judges the two completions with win_judge (default reward_fn); "
+                         "pass one of them with reference")
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                     samples_per_prompt=samples_per_prompt, generator=generator)
     kl_temperature = 1.0 if greedy else temperature
@@ -347,10 +353,18 @@ def evaluate_policy(
     if kls:
         metrics["val/kl"] = float(torch.cat(kls).mean())
     if reference is not None:
-        ref_rewards = _scores(reward_fn, rows_prompts, ref_completions)
-        metrics["val/win_rate"] = win_rate(rewards, ref_rewards)
+        # The policy's scores under the judge are already in hand when it is reward_fn or gold_fn.
+        if win_judge is reward_fn:
+            name, scores = "reward", rewards
+        elif win_judge is gold_fn:
+            name, scores = "gold_reward", gold
+        else:
+            name, scores = "judge_score", _scores(win_judge, rows_prompts, completions)
+            columns[name] = scores.tolist()
+        ref_scores = _scores(win_judge, rows_prompts, ref_completions)
+        metrics["val/win_rate"] = win_rate(scores, ref_scores)
         columns["reference_completion"] = ref_completions
-        columns["reference_reward"] = ref_rewards.tolist()
+        columns[f"reference_{name}"] = ref_scores.tolist()
     metrics["val/distinct_1"] = distinct_n(completions, 1)
     metrics["val/distinct_2"] = distinct_n(completions, 2)
     metrics["val/response_length"] = float(torch.cat(lengths).mean())

@@ -253,6 +253,18 @@ def test_evaluate_policy_win_rate(make_policy, task):
     assert 0.0 <= other.metrics["val/win_rate"] <= 1.0
     with pytest.raises(ValueError, match="reward_fn"):
         evaluate_policy(policy, prompts, reference=make_policy(seed=1))
+    # Without a reward model the gold judge can decide the pairs: the same rows, scored by it.
+    by_gold = evaluate_policy(policy, prompts, gold_fn=_length_reward(), win_judge=_length_reward(),
+                              reference=make_policy(seed=1), max_new_tokens=5, max_rows=None, greedy=False,
+                              generator=torch.Generator().manual_seed(0))
+    assert "val/reward" not in by_gold.metrics
+    assert by_gold.metrics["val/win_rate"] == pytest.approx(expected)
+    assert [r["judge_score"] for r in by_gold.samples] == [r["reward"] for r in rows]
+    gold = _length_reward()
+    same_fn = evaluate_policy(policy, prompts, gold_fn=gold, win_judge=gold, reference=make_policy(seed=1),
+                              max_new_tokens=5, max_rows=None, greedy=False,
+                              generator=torch.Generator().manual_seed(0))
+    assert [r["reference_gold_reward"] for r in same_fn.samples] == [r["reference_reward"] for r in rows]
 
 
 def test_evaluate_policy_rouge_and_perplexity(make_policy, task):
