@@ -300,12 +300,6 @@ def fit(config: FitConfig, echo=print) -> dict:
         reward_fn = reward_fn.normalize(samples.prompts, samples.completions)
 
     sc = c.config
-    positions = getattr(policy.model.config, "max_position_embeddings", None)
-    length = getattr(sc, "max_length", None) or getattr(sc, "block_size", None)
-    if positions and length and length > positions:
-        raise ValueError(f"config.{'max_length' if hasattr(sc, 'max_length') else 'block_size'} = {length} is longer "
-                         f"than the model's {positions} positions (raise max_position_embeddings / n_positions "
-                         f"in model.overrides, or shorten it)")
     if stage_name == "pretrain":
         stage = Pretrain(policy, list(train), list(val) or None, sc)
     elif stage_name == "sft":

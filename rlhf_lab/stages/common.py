@@ -7,7 +7,7 @@ import time
 import torch
 from lightning.pytorch.callbacks import Callback
 
-__all__ = ["Budget", "SavePolicy", "adamw"]
+__all__ = ["Budget", "SavePolicy", "adamw", "check_fits_positions"]
 
 
 def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):
@@ -17,6 +17,16 @@ def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):
         return optimizer
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def check_fits_positions(policy, field: str, length: int) -> None:
+    """Fail at construction, naming `config.<field>`, when rows of `length` tokens exceed the
+    model's position table (the forward pass would otherwise die with an index error)."""
+    positions = getattr(policy.model.config, "max_position_embeddings", None)
+    if positions and length > positions:
+        raise ValueError(f"config.{field} = {length} is longer than the model's {positions} positions "
+                         f"(use a model with more positions, e.g. n_positions / max_position_embeddings "
+                         f"in its config, or a shorter {field})")
 
 
 class Budget:

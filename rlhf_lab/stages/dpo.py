@@ -23,7 +23,7 @@ from rlhf_lab.checks import check_choice, check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
 from rlhf_lab.losses import DPO_LOSSES, kl_k1, preference_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw
+from rlhf_lab.stages.common import Budget, adamw, check_fits_positions
 
 REFERENCE_FREE = ("simpo",)
 
@@ -129,6 +129,7 @@ class DPO(_PreferenceStep, L.LightningModule):
             raise ValueError(f"DPO variant '{c.variant}' with reference='copy' needs Policy(reference='copy')")
         self.policy = policy.disable_dropout()
         pad = policy.tokenizer.pad_token_id
+        check_fits_positions(policy, "max_length", c.max_length)
         self.train_data = _Indexed(PreferenceDataset(train_rows, policy.tokenizer, c.max_length))
         self.val_data = _Indexed(PreferenceDataset(val_rows, policy.tokenizer, c.max_length)) if val_rows else None
         self._collate = partial(_collate, pad_token_id=pad)

@@ -18,7 +18,7 @@ from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PackedTextDataset, SFTDataset, pad_collate
 from rlhf_lab.losses import lm_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw
+from rlhf_lab.stages.common import Budget, adamw, check_fits_positions
 
 
 @dataclass
@@ -116,6 +116,7 @@ class Pretrain(LanguageModeling):
     def __init__(self, policy: Policy, train_texts: list[str], val_texts: list[str] | None = None,
                  config: PretrainConfig | None = None):
         config = config or PretrainConfig()
+        check_fits_positions(policy, "block_size", config.block_size)
         tok = policy.tokenizer
         train = PackedTextDataset(train_texts, tok, config.block_size)
         val = PackedTextDataset(val_texts, tok, config.block_size) if val_texts else None
@@ -130,6 +131,7 @@ class SFT(LanguageModeling):
     def __init__(self, policy: Policy, train_rows: list[dict], val_rows: list[dict] | None = None,
                  config: SFTConfig | None = None):
         config = config or SFTConfig()
+        check_fits_positions(policy, "max_length", config.max_length)
         tok = policy.tokenizer
         train = SFTDataset(train_rows, tok, config.max_length)
         val = SFTDataset(val_rows, tok, config.max_length) if val_rows else None

@@ -13,7 +13,7 @@ from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
 from rlhf_lab.losses import bradley_terry_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw
+from rlhf_lab.stages.common import Budget, adamw, check_fits_positions
 
 
 @dataclass
@@ -49,6 +49,7 @@ class RewardModel(L.LightningModule):
         self.policy = policy
         self.config = config or RewardModelConfig()
         c = self.config
+        check_fits_positions(policy, "max_length", c.max_length)
         self.train_data = PreferenceDataset(train_rows, policy.tokenizer, c.max_length)
         self.val_data = PreferenceDataset(val_rows, policy.tokenizer, c.max_length) if val_rows else None
         self.budget = Budget()

@@ -169,3 +169,32 @@ def test_critic_lr_sets_the_critic_group_and_changes_its_update(make_policy, tas
         _fit(stage, tmp_path, f"critic_lr_{critic_lr}", 2)
         after.append(policy.critic.scalar_head.weight.detach().clone())
     assert not torch.allclose(after[0], after[1])
+
+
+def test_rows_longer_than_the_model_positions_fail_at_construction(tokenizer, task):
+    from rlhf_lab.models.backbones import build_tiny_model
+    from rlhf_lab.policy import Policy
+    from rlhf_lab.stages import (
+        DPO,
+        SFT,
+        DPOConfig,
+        Pretrain,
+        PretrainConfig,
+        RewardModel,
+        RewardModelConfig,
+        SFTConfig,
+    )
+
+    model = build_tiny_model("gpt2-tiny", tokenizer, n_layer=1, n_embd=32, n_head=2, n_positions=64)
+    policy = Policy(model, tokenizer, reference="copy", scalar_head=True)
+    rows, _ = task.sft_pairs()
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " 0"} for r in rows]
+    for build, field in (
+        (lambda: Pretrain(policy, task.pretrain_corpus(n_lines=50), None, PretrainConfig(block_size=65)), "block_size"),
+        (lambda: SFT(policy, rows, None, SFTConfig(max_length=65)), "max_length"),
+        (lambda: RewardModel(policy, pairs, None, RewardModelConfig(max_length=65)), "max_length"),
+        (lambda: DPO(policy, pairs, None, DPOConfig(max_length=65)), "max_length"),
+    ):
+        with pytest.raises(ValueError, match=f"config.{field} = 65 is longer than the model's 64 positions"):
+            build()
+    SFT(policy, rows, None, SFTConfig(max_length=64))  # exactly the table fits
