@@ -336,8 +336,7 @@ def load_text(
         return Rows(docs, report)
     if len(docs) < 2:
         raise ValueError(f"{p}: one document cannot be split into train and val")
-    n_val = min(max(1, round(len(docs) * val_fraction)), len(docs) - 1)
-    return Rows(docs[:-n_val], report), Rows(docs[-n_val:], report)
+    return tail_split(Rows(docs, report), val_fraction)
 
 
 # --------------------------------------------------------------------------- generic rows
@@ -669,6 +668,14 @@ def load_hh(
 
 
 # --------------------------------------------------------------------------- splits
+
+
+def tail_split(rows: Sequence, val_fraction: float) -> tuple[Rows, Rows]:
+    """`(train, val)` with val the LAST round(n * val_fraction) rows (at least one, at most n - 1),
+    kept in order: for text, so that no passage is split between both. Both keep the report."""
+    report = getattr(rows, "report", None)
+    n_val = min(max(1, round(len(rows) * val_fraction)), len(rows) - 1)
+    return Rows(rows[:-n_val], report), Rows(rows[-n_val:], report)
 
 
 def train_val_split(rows: Sequence, val_fraction: float, seed: int = 0) -> tuple[Rows, Rows]:

@@ -31,6 +31,7 @@ from rlhf_lab.data.loaders import (
     load_prompt_completion,
     load_prompts,
     load_text,
+    tail_split,
     train_val_split,
 )
 
@@ -126,8 +127,7 @@ def load_data(config: DataConfig) -> tuple[Rows, Rows]:
         train, val = rows, _read(config, config.val_path)
         log.info("%s", val.report)
     elif config.val_fraction and config.format == "text":
-        n_val = min(max(1, round(len(rows) * config.val_fraction)), len(rows) - 1)
-        train, val = Rows(rows[:-n_val], rows.report), Rows(rows[-n_val:], rows.report)
+        train, val = tail_split(rows, config.val_fraction)
     else:
         train, val = train_val_split(rows, config.val_fraction, seed=config.seed)
     if config.limit is not None and len(train) > config.limit:
