@@ -123,26 +123,15 @@ def _stage_keys_help(stage: str | None) -> str:
 
 
 def _fit(args: argparse.Namespace, overrides: list[str]) -> int:
-    from rlhf_lab.config import ConfigError, apply_overrides, dump_yaml, load_yaml, parse_overrides
-    from rlhf_lab.experiment import merge_dicts
+    _quiet()
+    from rlhf_lab.config import ConfigError, dump_yaml
+    from rlhf_lab.experiment import config_from_files, fit
+    from rlhf_lab.runs import plain_config
 
-    data: dict = {}
-    source = None
+    # --out and --task are shorthands for the keys of the same names.
+    shorthands = [f"--{key}={value}" for key, value in (("out", args.out), ("task", args.task)) if value]
     try:
-        for path in args.config or []:
-            data = merge_dicts(data, load_yaml(path))
-            source = path
-        pairs = parse_overrides(overrides)
-        data = apply_overrides(data, pairs)
-        if args.out:
-            data["out"] = args.out
-        if args.task:
-            data["task"] = args.task
-        _quiet()
-        from rlhf_lab.experiment import build_fit_config, fit
-        from rlhf_lab.runs import plain_config
-
-        config = build_fit_config(data, stage=args.stage, source=source)
+        config = config_from_files(args.config or [], [*overrides, *shorthands], stage=args.stage)
     except (ConfigError, ValueError) as e:
         print(f"rlhf-lab fit: error: {e}", file=sys.stderr)
         return 2

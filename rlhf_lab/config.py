@@ -10,6 +10,7 @@ Override values are parsed as YAML scalars/lists (`1e-4`, `null`, `true`, `[q_pr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
 import types
@@ -74,7 +75,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, Any]]:
 
 def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
     """A copy of `data` with each dotted key set (intermediate mappings are created)."""
-    data = _deep_copy(data)
+    data = copy.deepcopy(data)
     for key, value in overrides:
         parts = key.split(".")
         node = data
@@ -86,14 +87,6 @@ def apply_overrides(data: dict, overrides: list[tuple[str, Any]]) -> dict:
                 raise ConfigError(f"--{key}: '{'.'.join(parts[: j + 1])}' is {child!r}, not a mapping")
             node = child
         node[parts[-1]] = value
-    return data
-
-
-def _deep_copy(data):
-    if isinstance(data, dict):
-        return {k: _deep_copy(v) for k, v in data.items()}
-    if isinstance(data, list):
-        return [_deep_copy(v) for v in data]
     return data
 
 

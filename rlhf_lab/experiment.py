@@ -29,7 +29,7 @@ from rlhf_lab.runs import LoggerConfig, finish_loggers, make_trainer, plain_conf
 log = logging.getLogger(__name__)
 
 __all__ = ["EvalConfig", "FitConfig", "ModelConfig", "RewardConfig", "TrainerConfig", "build_fit_config",
-           "fit", "load_policy", "stage_config_class"]
+           "config_from_files", "fit", "fit_from_files", "load_policy", "stage_config_class"]
 
 ONLINE_STAGES = ("online_rl", "ppo", "online_dpo")
 
@@ -246,7 +246,7 @@ def fit(config: FitConfig, echo=print) -> dict:
     """
     from rlhf_lab.eval import EvalCallback
     from rlhf_lab.rewards import CallableSource, RewardModelSource
-    from rlhf_lab.stages import DPO, SFT, OnlineDPO, OnlineRL, Pretrain, RewardModel
+    from rlhf_lab.stages import get_stage
     from rlhf_lab.tasks import get_task
 
     start = time.perf_counter()
@@ -300,19 +300,11 @@ def fit(config: FitConfig, echo=print) -> dict:
         reward_fn = reward_fn.normalize(samples.prompts, samples.completions)
 
     sc = c.config
-    if stage_name == "pretrain":
-        stage = Pretrain(policy, list(train), list(val) or None, sc)
-    elif stage_name == "sft":
-        stage = SFT(policy, list(train), list(val) or None, sc)
-    elif stage_name == "reward_model":
-        stage = RewardModel(policy, list(train), list(val) or None, sc)
-    elif stage_name == "dpo":
-        stage = DPO(policy, list(train), list(val) or None, sc)
-    elif stage_name == "online_dpo":
-        stage = OnlineDPO(policy, prompts, reward_fn, sc, gold_fn=gold)
-    else:
-        # Evaluation goes through EvalCallback below, the same way for every stage.
-        stage = OnlineRL(policy, prompts, reward_fn, sc, gold_fn=gold)
+    stage_class = get_stage(stage_name)[0]
+    if online:  # evaluation goes through EvalCallback below, the same way for every stage
+        stage = stage_class(policy, prompts, reward_fn, sc, gold_fn=gold)
+    else:  # Pretrain, SFT, RewardModel, DPO: (policy, train rows, val rows, config)
+        stage = stage_class(policy, list(train), list(val) or None, sc)
 
     callbacks = []
     eval_prompts = val_prompts[: c.eval.prompts] if c.eval.prompts else []
@@ -440,9 +432,10 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, data_format: s
     return metrics
 
 
-def fit_from_files(paths: list[str] | str, overrides: list[str] | None = None, stage: str | None = None,
-                   echo=print) -> dict:
-    """`fit` a config read from YAML file(s) (later files win) plus `--key.sub value` overrides."""
+def config_from_files(paths: list[str] | str, overrides: list[str] | None = None,
+                      stage: str | None = None) -> FitConfig:
+    """A `FitConfig` from YAML file(s) (later files win) plus `--key.sub value` overrides (which
+    win over every file); `stage` wins over the files' `stage`."""
     from rlhf_lab.config import apply_overrides, load_yaml, parse_overrides
 
     paths = [paths] if isinstance(paths, str) else list(paths)
@@ -450,7 +443,13 @@ def fit_from_files(paths: list[str] | str, overrides: list[str] | None = None, s
     for path in paths:
         data = merge_dicts(data, load_yaml(path))
     data = apply_overrides(data, parse_overrides(list(overrides or [])))
-    return fit(build_fit_config(data, stage=stage, source=paths[-1] if paths else None), echo=echo)
+    return build_fit_config(data, stage=stage, source=paths[-1] if paths else None)
+
+
+def fit_from_files(paths: list[str] | str, overrides: list[str] | None = None, stage: str | None = None,
+                   echo=print) -> dict:
+    """`fit` the config of `config_from_files(paths, overrides, stage)`; returns its summary."""
+    return fit(config_from_files(paths, overrides, stage), echo=echo)
 
 
 def merge_dicts(base: dict, new: dict) -> dict:
