@@ -7,12 +7,14 @@ wrong call fails at the top of the function instead of broadcasting silently.
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+if TYPE_CHECKING:
+    import torch
 
 def check_tensor(name: str, x: Any) -> None:
+    import torch  # here, so the config checks below import without torch
+
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
 

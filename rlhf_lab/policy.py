@@ -9,6 +9,9 @@ With a LoRA adapter (`lora=LoraSettings(...)`) one frozen base serves everything
 base + adapter "default", the reference is the same base with the adapter disabled, and a PPO
 critic (`critic="adapter"`) is base + adapter "critic" + a value head. Nothing is copied.
 
+The Policy delegates the mechanics: folder I/O to `rlhf_lab.models.io`, the sampling loop to
+`rlhf_lab.sampling`. It imports peft only once a LoRA adapter is used.
+
 Alignment convention (see `rlhf_lab.rollout`): per-token outputs are `(B, T)` over the whole
 sequence and column t refers to token t — `logprobs[:, t] = log π(x_t | x_<t)` and
 `values[:, t] = V(x_<t)`, the value of the state in which x_t was chosen. Column 0 has no
@@ -19,56 +22,46 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
-import logging
 import os
-import shutil
 
 import torch
-from peft import PeftModel
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_lab import sampling
+from rlhf_lab.models.io import (
+    ADAPTER_CONFIG,
+    CRITIC_ADAPTER,
+    CRITIC_DIR,
+    HEAD_FILE,
+    is_adapter_folder,
+    load_head,
+    load_lora_model,
+    load_model,
+    read_meta,
+    save_critic_adapter,
+    save_head,
+    save_model,
+    write_meta,
+)
 from rlhf_lab.models.lora import (
     LoraSettings,
     adapter_is_zero,
     adapter_parameters,
     add_adapter,
     apply_lora,
-    base_state_dict,
     copy_adapter,
+    is_peft_model,
     load_adapter,
 )
 from rlhf_lab.models.lora import save_adapter as write_adapter
 from rlhf_lab.models.tokenizer import load_tokenizer
 from rlhf_lab.rollout import Rollout
+from rlhf_lab.sampling import position_ids_from_mask
 
-log = logging.getLogger(__name__)
+__all__ = ["Policy", "position_ids_from_mask"]
 
-HEAD_FILE = "scalar_head.safetensors"
-POLICY_FILE = "rlhf_lab_policy.json"
-CRITIC_DIR = "critic"
-BASE_DIR = "base"  # a LoRA policy's base model, inside its folder
-ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_FILE = "adapter_model.safetensors"
-CRITIC_ADAPTER = "critic"  # the PPO critic's adapter on the policy's base
 REFERENCE_ADAPTER = "reference"  # a frozen copy of a non-zero initial policy adapter
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Positions that skip left padding, so a left-padded row sees the same positions as unpadded."""
-    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
-
-
-def _top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens with mass ≥ top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    # Drop a token when the mass before it already reaches top_p; the top token always stays.
-    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
-    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
 
 
 def _new_head(hidden: int) -> nn.Linear:
@@ -77,33 +70,6 @@ def _new_head(hidden: int) -> nn.Linear:
     nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
     nn.init.zeros_(head.bias)
     return head
-
-
-def _save_head(head: nn.Linear, file: str) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, file)
-
-
-def _read_meta(path: str) -> dict:
-    meta_path = os.path.join(path, POLICY_FILE)
-    if not os.path.exists(meta_path):
-        return {}
-    with open(meta_path) as f:
-        return json.load(f)
-
-
-def _load_base(path: str, meta: dict) -> PreTrainedModel:
-    """The base model of the LoRA folder `path`: its `base/`, else the folder its metadata names,
-    else (for a folder peft wrote) the local `base_model_name_or_path` of its adapter config."""
-    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
-        peft_named = json.load(f).get("base_model_name_or_path") or ""
-    named = meta.get("base_model")
-    # The metadata's own choice first: a stale base/ left by an earlier save must not win over it.
-    candidates = [os.path.join(path, named) if named else "", os.path.join(path, BASE_DIR), peft_named]
-    for base_dir in candidates:
-        if base_dir and os.path.isdir(base_dir):
-            return AutoModelForCausalLM.from_pretrained(base_dir)
-    raise OSError(f"LoRA policy '{path}' has no base model: no '{BASE_DIR}/' inside it, and neither the folder "
-                  f"its metadata names ({named!r}) nor its adapter's base ({peft_named!r}) exists")
 
 
 def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
@@ -156,7 +122,7 @@ class Policy(nn.Module):
                 raise ValueError("critic must use the same tokenizer (vocabulary) as the policy")
         if lora is not None:
             model = apply_lora(model, lora)
-        adapter = model.active_adapter if isinstance(model, PeftModel) else None
+        adapter = model.active_adapter if is_peft_model(model) else None
         if adapter is None and reference == "base":
             raise ValueError("reference='base' is the adapter-disabled base and needs a LoRA adapter "
                              "(lora=LoraSettings()); use reference='copy' for a frozen copy")
@@ -208,19 +174,19 @@ class Policy(nn.Module):
         """
         if not os.path.isdir(path):
             raise OSError(f"policy folder '{path}' does not exist")
-        meta = _read_meta(path)
+        meta = read_meta(path)
         tokenizer = load_tokenizer(path)
         critic_path = os.path.join(path, CRITIC_DIR)
         saved_critic_adapter = meta.get("critic") == "adapter"
-        if os.path.exists(os.path.join(path, ADAPTER_CONFIG)):
+        if is_adapter_folder(path):
             if lora is not None:
                 raise ValueError(f"'{path}' already holds a LoRA adapter; load it without lora=")
-            model = load_adapter(_load_base(path, meta), path)
+            model = load_lora_model(path, meta)
             if critic is None and saved_critic_adapter:
                 load_adapter(model, critic_path, adapter_name=CRITIC_ADAPTER)
                 critic = "adapter"
         else:
-            model = AutoModelForCausalLM.from_pretrained(path)
+            model = load_model(path)
         if critic is None and os.path.isdir(critic_path) and not saved_critic_adapter:
             critic = cls.load(critic_path)
         head_path = os.path.join(path, HEAD_FILE)
@@ -228,10 +194,10 @@ class Policy(nn.Module):
         policy = cls(model, tokenizer, scalar_head=has_head if scalar_head is None else scalar_head,
                      reference=reference, critic=critic, lora=lora)
         if has_head and policy.scalar_head is not None:
-            policy.scalar_head.load_state_dict(load_file(head_path))
+            load_head(policy.scalar_head, head_path)
         critic_head_path = os.path.join(critic_path, HEAD_FILE)
         if saved_critic_adapter and policy.critic_head is not None and os.path.exists(critic_head_path):
-            policy.critic_head.load_state_dict(load_file(critic_head_path))
+            load_head(policy.critic_head, critic_head_path)
         return policy
 
     @classmethod
@@ -242,7 +208,7 @@ class Policy(nn.Module):
         wrapped in place, so use the returned Policy from then on). `kwargs` go to the
         constructor (`scalar_head`, `reference`, `critic`).
         """
-        if not os.path.exists(os.path.join(adapter_path, ADAPTER_CONFIG)):
+        if not is_adapter_folder(adapter_path):
             raise OSError(f"'{adapter_path}' holds no LoRA adapter ({ADAPTER_CONFIG} is missing)")
         if isinstance(base, Policy):
             if base.adapter_name is not None:
@@ -251,7 +217,7 @@ class Policy(nn.Module):
         else:
             if not os.path.isdir(base):
                 raise OSError(f"base model folder '{base}' does not exist")
-            model, tokenizer = AutoModelForCausalLM.from_pretrained(base), load_tokenizer(base)
+            model, tokenizer = load_model(base), load_tokenizer(base)
         return cls(load_adapter(model, adapter_path), tokenizer, **kwargs)
 
     def save(self, path: str, extra: dict | None = None, merge: bool = False,
@@ -270,55 +236,23 @@ class Policy(nn.Module):
         os.makedirs(path, exist_ok=True)
         meta: dict = {"scalar_head": self.scalar_head is not None}
         lora = self.adapter_name is not None and not merge
-        if self.adapter_name is None:
-            self.model.save_pretrained(path)
-        elif merge:
-            self.model.get_base_model().save_pretrained(
-                path, state_dict=base_state_dict(self.model, merge_adapter=self.adapter_name))
-            meta["merged_adapter"] = self.model.peft_config[self.adapter_name].to_dict()
-        else:
-            self.save_adapter(path)
-            meta["base_model"] = self._save_base(path, save_base)
-        if not lora:  # a stale adapter file would make `load` read the folder as an adapter
-            for name in (ADAPTER_CONFIG, ADAPTER_FILE):
-                if os.path.exists(os.path.join(path, name)):
-                    os.remove(os.path.join(path, name))
+        meta.update(save_model(self.model, path, self.adapter_name, merge=merge, save_base=save_base))
         self.tokenizer.save_pretrained(path)
         if self.scalar_head is not None:
-            _save_head(self.scalar_head, os.path.join(path, HEAD_FILE))
+            save_head(self.scalar_head, os.path.join(path, HEAD_FILE))
         if self.critic is not None:
             self.critic.save(os.path.join(path, CRITIC_DIR), extra={"role": "critic"})
         elif self.critic_adapter is not None and lora:
-            write_adapter(self.model, self.critic_adapter, os.path.join(path, CRITIC_DIR))
-            _save_head(self.critic_head, os.path.join(path, CRITIC_DIR, HEAD_FILE))
+            save_critic_adapter(self.model, self.critic_adapter, self.critic_head, os.path.join(path, CRITIC_DIR))
         meta["critic"] = "adapter" if self.critic_adapter is not None and lora else self.critic is not None
         meta.update(extra or {})
-        with open(os.path.join(path, POLICY_FILE), "w") as f:
-            json.dump(meta, f, indent=2, default=str)
+        write_meta(path, meta)
 
     def save_adapter(self, path: str) -> None:
         """Write the policy's LoRA adapter alone (a peft folder); `Policy.load_adapter` puts it on a base."""
         if self.adapter_name is None:
             raise ValueError("this Policy has no LoRA adapter to save (construct it with lora=LoraSettings())")
         write_adapter(self.model, self.adapter_name, path)
-
-    def _save_base(self, path: str, save_base: bool | None) -> str:
-        """Write the base to `path/base/`, or name the folder it came from; returns what the metadata names."""
-        base = self.model.get_base_model()
-        source = getattr(base, "name_or_path", "") or ""
-        known = os.path.abspath(source) if source and os.path.isdir(source) else None
-        if save_base is None:
-            save_base = known is None
-        if save_base:
-            base.save_pretrained(os.path.join(path, BASE_DIR), state_dict=base_state_dict(self.model))
-            return BASE_DIR
-        if known is None:
-            raise ValueError(f"save_base=False names the base's folder, but this base was not loaded "
-                             f"from a local folder (name_or_path={source!r}); save it with save_base=True")
-        stale = os.path.join(path, BASE_DIR)
-        if os.path.isdir(stale):  # an earlier save into this folder wrote a base; it is not this one
-            shutil.rmtree(stale)
-        return known
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
@@ -378,13 +312,11 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ text helpers
     def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded prompt ids and mask, so every prompt ends at the same column."""
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+        return sampling.encode_prompts(self.tokenizer, prompts, self.device)
 
     def decode_responses(self, rollout_ids: torch.Tensor, response_mask: torch.Tensor) -> list[str]:
         """Decode each row's response tokens, dropping special tokens (EOS, padding)."""
-        rows = [ids[m.bool()].tolist() for ids, m in zip(rollout_ids, response_mask, strict=True)]
-        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+        return sampling.decode_responses(self.tokenizer, rollout_ids, response_mask)
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -519,7 +451,6 @@ class Policy(nn.Module):
         return self.scalar_head(picked.to(self.scalar_head.weight.dtype)).squeeze(-1).float()
 
     # ------------------------------------------------------------------ generation
-    @torch.no_grad()
     def generate(
         self,
         prompts: list[str],
@@ -539,97 +470,10 @@ class Policy(nn.Module):
         rows (`group_ids` names the prompt). The recorded `logprobs` are those of the
         temperature-scaled full distribution (before top-p truncation and EOS suppression), so
         they equal `logprobs(..., temperature)` recomputed on the returned sequences.
-        `suppress_eos` forbids EOS (fixed-length responses, as in the benchmark).
+        `suppress_eos` forbids EOS (fixed-length responses, as in the benchmark). The loop itself
+        is `rlhf_lab.sampling.generate`.
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if not greedy and temperature <= 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        if samples_per_prompt < 1:
-            raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            return self._generate(prompts, max_new_tokens, temperature if not greedy else 1.0,
-                                  top_p, greedy, samples_per_prompt, suppress_eos, generator)
-        finally:
-            self.model.train(was_training)
-
-    def _generate(self, prompts, max_new_tokens, temperature, top_p, greedy, samples_per_prompt,
-                  suppress_eos, generator) -> Rollout:
-        prompt_ids, prompt_mask = self.encode_prompts(prompts)
-        limit = getattr(self.model.config, "max_position_embeddings", None)
-        if limit and prompt_ids.shape[1] + max_new_tokens > limit:
-            # Keep the end of each prompt (next to the answer) so prompt + response fits the model.
-            keep = limit - max_new_tokens
-            if keep < 1:
-                raise ValueError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
-                                 f"model's {limit} positions")
-            n_cut = int((prompt_mask.sum(dim=1) > keep).sum())
-            prompt_ids, prompt_mask = prompt_ids[:, -keep:], prompt_mask[:, -keep:]
-            if n_cut:
-                log.warning("generate: cut the start of %d of %d prompts to %d tokens (the model has %d "
-                            "positions, %d go to the response)", n_cut, len(prompts), keep, limit, max_new_tokens)
-        if samples_per_prompt > 1:
-            prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
-            prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
-        b = prompt_ids.shape[0]
-        device = prompt_ids.device
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        finished = torch.zeros(b, dtype=torch.bool, device=device)
-        tokens, logps, alive = [], [], []
-        mask = prompt_mask
-        positions = position_ids_from_mask(prompt_mask)
-        step_ids, step_pos, cache = prompt_ids, positions, None
-        for _ in range(max_new_tokens):
-            out = self.model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                             past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            logits = out.logits[:, -1].float() / temperature  # (B, V)
-            logp_all = logits.log_softmax(dim=-1)
-            sample_logits = logits
-            if suppress_eos:
-                sample_logits = sample_logits.clone()
-                sample_logits[:, eos] = float("-inf")
-            if greedy:
-                token = sample_logits.argmax(dim=-1)
-            else:
-                if top_p < 1.0:
-                    sample_logits = _top_p_filter(sample_logits, top_p)
-                probs = sample_logits.softmax(dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            live = ~finished
-            token = torch.where(live, token, torch.full_like(token, pad))
-            logp = logp_all.gather(-1, token[:, None]).squeeze(-1) * live
-            tokens.append(token)
-            logps.append(logp)
-            alive.append(live)
-            finished = finished | (live & (token == eos))
-            # The next step attends to this token only if it is part of a live response.
-            mask = torch.cat([mask, live.long()[:, None]], dim=1)
-            step_pos = step_pos[:, -1:] + 1
-            step_ids = token[:, None]
-            if bool(finished.all()):
-                break
-        response_ids = torch.stack(tokens, dim=1)  # (B, N)
-        response_mask = torch.stack(alive, dim=1).long()
-        n_prompt = prompt_ids.shape[1]
-        input_ids = torch.cat([prompt_ids, response_ids], dim=1)
-        attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
-        full_response_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
-        logprobs = torch.cat([torch.zeros_like(prompt_ids, dtype=torch.float),
-                              torch.stack(logps, dim=1)], dim=1)
-        repeated = [p for p in prompts for _ in range(samples_per_prompt)]
-        return Rollout(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            response_mask=full_response_mask,
-            logprobs=logprobs,
-            prompt_length=n_prompt,
-            group_ids=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
-            ended_with_eos=finished,
-            prompts=repeated,
-            completions=self.decode_responses(response_ids, response_mask),
-        )
+        return sampling.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                 temperature=temperature, top_p=top_p, greedy=greedy,
+                                 samples_per_prompt=samples_per_prompt, suppress_eos=suppress_eos,
+                                 generator=generator)

@@ -163,7 +163,7 @@ def test_long_prompts_keep_their_end_to_fit_the_positions(tokenizer, caplog):
     long = "Q: " + "1+2+3+4+5+6+7+8+9+" * 3 + "0=\nA:"  # more than 24 tokens
     short = "Q: 2+3=\nA:"
     assert len(tokenizer(long)["input_ids"]) > 24
-    with caplog.at_level(logging.WARNING, logger="rlhf_lab.policy"):
+    with caplog.at_level(logging.WARNING, logger="rlhf_lab.sampling"):
         rollout = policy.generate([long, short], max_new_tokens=4, greedy=True, suppress_eos=True)
     assert "cut the start of 1 of 2 prompts to 20 tokens" in caplog.text
     assert rollout.input_ids.shape[1] == 24  # 20 prompt columns + 4 response tokens

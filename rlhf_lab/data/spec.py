@@ -18,49 +18,17 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from rlhf_lab.checks import check_choice
-from rlhf_lab.data.loaders import (
-    Rows,
-    load_alpaca,
-    load_dolly,
-    load_gsm8k,
-    load_gsm8k_solution_pairs,
-    load_hh,
-    load_preference_rows,
-    load_prompt_completion,
-    load_prompts,
-    load_text,
-    tail_split,
-    train_val_split,
-)
+from rlhf_lab.data.formats import FORMATS, STAGE_KINDS
+
+if TYPE_CHECKING:
+    from rlhf_lab.data.loaders import Rows
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FORMATS", "STAGE_KINDS", "DataConfig", "check_stage_data", "load_data", "prompts_of"]
-
-# format -> the kind of row it yields
-FORMATS = {
-    "text": "text",
-    "prompt_completion": "sft",
-    "dolly": "sft",
-    "alpaca": "sft",
-    "gsm8k": "sft",
-    "preference": "preference",
-    "hh": "preference",
-    "gsm8k_pairs": "preference",
-    "prompts": "prompts",
-}
-# stage -> the row kinds it accepts (online stages take the prompts of any row kind that has them)
-STAGE_KINDS = {
-    "pretrain": ("text",),
-    "sft": ("sft",),
-    "reward_model": ("preference",),
-    "dpo": ("preference",),
-    "online_rl": ("prompts", "sft", "preference"),
-    "ppo": ("prompts", "sft", "preference"),
-    "online_dpo": ("prompts", "sft", "preference"),
-}
 
 
 @dataclass
@@ -99,18 +67,22 @@ class DataConfig:
 
 
 def _read(config: DataConfig, path: str) -> Rows:
+    # The loaders are imported here, not at the top, so `DataConfig` stays light to import (the
+    # loaders' prompt templates import transformers).
+    from rlhf_lab.data import loaders
+
     c, kw = config, dict(on_error=config.on_error)
     if c.format == "text":
-        return load_text(path, unit=c.unit, **kw)
+        return loaders.load_text(path, unit=c.unit, **kw)
     if c.format == "gsm8k_pairs":
-        return load_gsm8k_solution_pairs(path, pairs=c.pairs, **kw)
+        return loaders.load_gsm8k_solution_pairs(path, pairs=c.pairs, **kw)
     kw["split"] = c.split
     if c.format == "prompt_completion":
-        return load_prompt_completion(path, c.prompt_field, c.completion_field, **kw)
+        return loaders.load_prompt_completion(path, c.prompt_field, c.completion_field, **kw)
     if c.format == "prompts":
-        return load_prompts(path, c.prompt_field, **kw)
-    readers = {"dolly": load_dolly, "alpaca": load_alpaca, "gsm8k": load_gsm8k, "preference": load_preference_rows,
-               "hh": load_hh}
+        return loaders.load_prompts(path, c.prompt_field, **kw)
+    readers = {"dolly": loaders.load_dolly, "alpaca": loaders.load_alpaca, "gsm8k": loaders.load_gsm8k,
+               "preference": loaders.load_preference_rows, "hh": loaders.load_hh}
     return readers[c.format](path, **kw)
 
 
@@ -121,6 +93,8 @@ def load_data(config: DataConfig) -> tuple[Rows, Rows]:
     other rows by a seeded shuffle (`train_val_split`). `limit` then keeps the first training
     rows and logs how many it left out.
     """
+    from rlhf_lab.data.loaders import Rows, tail_split, train_val_split
+
     rows = _read(config, config.path)
     log.info("%s", rows.report)
     if config.val_path:

@@ -3,29 +3,21 @@
 `load_backbone` is the one entry point: a named config (`backbone_names()`), a local folder
 written by `save_pretrained`, or a Hugging Face Hub id (cache first, then the hub when a network
 is there; offline it fails at once with one clear `OSError`).
+
+Listing the names (`backbone_names()`, `TINY_CONFIGS`, `TOY_NAMES`) imports nothing heavy, since
+the CLI builds its `--help` choices from them; torch and transformers load only when a model is
+built or loaded.
 """
 
 from __future__ import annotations
 
-import importlib
 import os
-from types import ModuleType
+from typing import TYPE_CHECKING
 
-from transformers import (
-    AutoModelForCausalLM,
-    GPT2Config,
-    LlamaConfig,
-    OPTConfig,
-    PretrainedConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_lab.models.tokenizer import from_cache_or_hub, looks_like_path
-
-__all__ = ["TINY_CONFIGS", "backbone_names", "build_tiny_model", "load_backbone"]
-
-_TOY_MODULE = "rlhf_lab.models.toy"
+__all__ = ["TINY_CONFIGS", "TOY_NAMES", "backbone_names", "build_tiny_model", "load_backbone"]
 
 # Randomly initialised configs sized to train in seconds on a laptop CPU. Dropout is off: RL
 # needs the log-probs recorded at sampling to equal the ones recomputed for the update.
@@ -67,10 +59,15 @@ TINY_CONFIGS: dict[str, dict] = {
     ),
 }
 
-_CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
-    "gpt2": GPT2Config,
-    "llama": LlamaConfig,
-    "opt": OPTConfig,
+# The toy models of `rlhf_lab.models.toy` (the keys of its `TOY_CONFIGS`, which a test keeps
+# equal to this), named here so that listing them needs no torch.
+TOY_NAMES: tuple[str, ...] = ("bigram", "lstm", "attention")
+
+# family -> the name of its config class in `transformers` (looked up when a model is built)
+_CONFIG_CLASSES: dict[str, str] = {
+    "gpt2": "GPT2Config",
+    "llama": "LlamaConfig",
+    "opt": "OPTConfig",
 }
 
 # Llama and OPT build their input embedding with `padding_idx=pad_token_id`: that row starts at
@@ -80,29 +77,9 @@ _CONFIG_CLASSES: dict[str, type[PretrainedConfig]] = {
 _PADDING_IDX_FAMILIES = {"llama", "opt"}
 
 
-def _toy_module() -> ModuleType | None:
-    """`rlhf_lab.models.toy` if it exists (imported lazily), else None.
-
-    Importing it also registers the toy configs with the Auto classes, so saved toy models load
-    through `AutoModelForCausalLM`. Errors inside an existing toy module are not hidden.
-    """
-    try:
-        return importlib.import_module(_TOY_MODULE)
-    except ModuleNotFoundError as err:
-        if err.name != _TOY_MODULE:
-            raise
-        return None
-
-
-def _toy_configs() -> dict[str, dict]:
-    """The toy module's `TOY_CONFIGS` (a copy), or {} while that module does not exist."""
-    toy = _toy_module()
-    return dict(getattr(toy, "TOY_CONFIGS", {})) if toy is not None else {}
-
-
 def backbone_names() -> list[str]:
-    """Every named backbone: the tiny HF configs, then the toy models (when `toy` is present)."""
-    return [*TINY_CONFIGS, *(name for name in _toy_configs() if name not in TINY_CONFIGS)]
+    """Every named backbone: the tiny HF configs, then the toy models."""
+    return [*TINY_CONFIGS, *(name for name in TOY_NAMES if name not in TINY_CONFIGS)]
 
 
 def _unknown(name: str) -> ValueError:
@@ -116,16 +93,20 @@ def build_tiny_model(
     """A randomly initialised causal LM from a named config, sized to `tokenizer`.
 
     `name` is a key of `TINY_CONFIGS` (GPT-2, Llama or OPT architectures, ~0.5M parameters plus
-    embeddings) or a toy model from `rlhf_lab.models.toy` (built by its `build_toy_model`).
+    embeddings) or a toy model of `TOY_NAMES` (built by `rlhf_lab.models.toy.build_toy_model`).
     `overrides` replace config fields, e.g. `n_layer=1` for gpt2-tiny. The vocabulary size and
     the bos/eos/pad ids come from the tokenizer. Seed torch beforehand for reproducible weights.
     Raises ValueError listing `backbone_names()` for an unknown name.
     """
     if name not in TINY_CONFIGS:
-        toy = _toy_module()
-        if toy is not None and name in getattr(toy, "TOY_CONFIGS", {}):
-            return toy.build_toy_model(name, tokenizer, **overrides)
+        if name in TOY_NAMES:
+            from rlhf_lab.models.toy import build_toy_model, ensure_registered
+
+            ensure_registered()
+            return build_toy_model(name, tokenizer, **overrides)
         raise _unknown(name)
+    import transformers
+
     spec = {**TINY_CONFIGS[name], **overrides}
     family = spec.pop("family")
     if family not in _CONFIG_CLASSES:
@@ -138,8 +119,8 @@ def build_tiny_model(
     )
     if family in _PADDING_IDX_FAMILIES and ids["pad_token_id"] == ids["eos_token_id"]:
         ids["pad_token_id"] = None
-    config = _CONFIG_CLASSES[family](**ids, **spec)
-    return AutoModelForCausalLM.from_config(config)
+    config = getattr(transformers, _CONFIG_CLASSES[family])(**ids, **spec)
+    return transformers.AutoModelForCausalLM.from_config(config)
 
 
 def load_backbone(
@@ -159,13 +140,18 @@ def load_backbone(
     Every failure to find the model is one `OSError` naming `name_or_path`, saying it was not
     found locally and why the hub could not help, and listing the named backbones.
     """
-    if name_or_path in TINY_CONFIGS or name_or_path in _toy_configs():
+    if name_or_path in TINY_CONFIGS or name_or_path in TOY_NAMES:
         if tokenizer is None:
             raise ValueError(
                 f"backbone {name_or_path!r} is built from a config and needs a tokenizer"
             )
         return build_tiny_model(name_or_path, tokenizer, **kwargs)
-    _toy_module()  # registers the toy architectures, so a saved toy model loads from a folder
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_lab.models.tokenizer import from_cache_or_hub, looks_like_path
+    from rlhf_lab.models.toy import ensure_registered
+
+    ensure_registered()  # so a saved toy model loads from a folder
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)

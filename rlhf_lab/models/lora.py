@@ -10,6 +10,9 @@ critic) from one base in memory.
 This module holds the settings, the per-architecture default targets and small helpers over a
 `peft.PeftModel` (adapter parameters, a clean base state dict, a merged one); the Policy decides
 when to use them.
+
+peft, torch and transformers are imported inside the helpers, not at the top: `LoraSettings` is
+part of the configs the CLI builds, and a run without LoRA never loads peft at all.
 """
 
 from __future__ import annotations
@@ -18,23 +21,17 @@ import contextlib
 import copy
 import itertools
 import os
+import sys
 import warnings
 from dataclasses import dataclass
-
-import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import (
-    SAFETENSORS_WEIGHTS_NAME,
-    get_peft_model_state_dict,
-    set_peft_model_state_dict,
-)
-from safetensors.torch import save_file
-from torch import nn
-from transformers.pytorch_utils import Conv1D
+from typing import TYPE_CHECKING
 
 from rlhf_lab.checks import check_positive
+
+if TYPE_CHECKING:
+    import torch
+    from peft import LoraConfig, PeftModel
+    from torch import nn
 
 # The attention projections LoRA adapts by default, per `config.model_type` (the choice of the
 # LoRA paper: query and value; GPT-2 and GPT-NeoX fuse q, k, v into one projection).
@@ -50,8 +47,13 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 # The toy bigram and LSTM LMs ("rlhf_lab_bigram", "rlhf_lab_lstm") have no default: their only
 # layers LoRA can wrap are the embedding and the output head, a choice left to the user.
 
-# The layer types peft's LoRA can wrap; used to suggest target names in error messages.
-_ADAPTABLE = (nn.Linear, nn.Embedding, Conv1D)
+
+def _adaptable_types() -> tuple[type, ...]:
+    """The layer types peft's LoRA can wrap; used to check targets and suggest names in errors."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return (nn.Linear, nn.Embedding, Conv1D)
 
 
 @dataclass
@@ -93,12 +95,16 @@ def default_target_modules(model_type: str) -> list[str]:
 
 def _adaptable_names(model: nn.Module) -> list[str]:
     """Last name component of every layer LoRA could wrap, e.g. ['c_attn', 'c_proj', 'lm_head']."""
-    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, _ADAPTABLE)}
+    adaptable = _adaptable_types()
+    names = {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, adaptable)}
     return sorted(names)
 
 
 def lora_config(model: nn.Module, settings: LoraSettings) -> LoraConfig:
     """The peft `LoraConfig` of `settings` for this model, with its targets checked against it."""
+    from peft import LoraConfig
+    from transformers.pytorch_utils import Conv1D
+
     model_type = _model_type(model)
     try:
         targets = settings.target_modules or default_target_modules(model_type)
@@ -109,7 +115,7 @@ def lora_config(model: nn.Module, settings: LoraSettings) -> LoraConfig:
     if not found:
         raise ValueError(f"LoRA target_modules {targets} match no layer of model_type '{model_type}'; "
                          f"layers LoRA can adapt here: {_adaptable_names(model) or 'none'}")
-    unsupported = sorted({type(m).__name__ for m in found if not isinstance(m, _ADAPTABLE)})
+    unsupported = sorted({type(m).__name__ for m in found if not isinstance(m, _adaptable_types())})
     if unsupported:
         raise ValueError(f"LoRA target_modules {targets} of model_type '{model_type}' name {', '.join(unsupported)} "
                          f"layers, which LoRA cannot adapt; choose from: {_adaptable_names(model) or 'none'}")
@@ -130,7 +136,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "de
 
     The adapter starts at B = 0, so the wrapped model computes exactly what `model` did.
     """
-    if isinstance(model, PeftModel):
+    from peft import get_peft_model
+
+    if is_peft_model(model):
         raise ValueError("model already has LoRA adapters (it is a PeftModel); add another with add_adapter")
     config = lora_config(model, settings)
     with _quiet_peft():
@@ -139,11 +147,19 @@ def apply_lora(model: nn.Module, settings: LoraSettings, adapter_name: str = "de
 
 def load_adapter(model: nn.Module, folder: str, adapter_name: str = "default") -> PeftModel:
     """Put the adapter saved in `folder` on `model` (a plain model, or a PeftModel to add it to), trainable."""
+    from peft import PeftModel
+
     with _quiet_peft():
-        if isinstance(model, PeftModel):
+        if is_peft_model(model):
             model.load_adapter(folder, adapter_name=adapter_name, is_trainable=True)
             return model
         return PeftModel.from_pretrained(model, folder, adapter_name=adapter_name, is_trainable=True)
+
+
+def is_peft_model(model: nn.Module) -> bool:
+    """Whether `model` is a `peft.PeftModel`, without importing peft: none exists until peft is loaded."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 @contextlib.contextmanager
@@ -166,6 +182,8 @@ def add_adapter(model: PeftModel, adapter_name: str, like: str | None = None,
 
 def copy_adapter(model: PeftModel, source: str, target: str) -> None:
     """Add adapter `target` holding a copy of adapter `source`'s weights (adapter-sized, not base-sized)."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
     add_adapter(model, target, like=source)
     state = get_peft_model_state_dict(model, adapter_name=source, save_embedding_layers=False)
     set_peft_model_state_dict(model, {k: v.detach().clone() for k, v in state.items()}, adapter_name=target)
@@ -177,6 +195,9 @@ def save_adapter(model: PeftModel, adapter_name: str, folder: str) -> None:
     Unlike `PeftModel.save_pretrained`, any adapter lands in `folder` itself (peft puts adapters
     other than "default" in a sub-folder), so `PeftModel.from_pretrained(base, folder)` reads it.
     """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
     os.makedirs(folder, exist_ok=True)
     state = get_peft_model_state_dict(model, adapter_name=adapter_name, save_embedding_layers=False)
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()},
@@ -188,6 +209,9 @@ def save_adapter(model: PeftModel, adapter_name: str, folder: str) -> None:
 
 def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter]:
     """The parameters of one adapter (its A and B matrices in every adapted layer)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from torch import nn
+
     params: list[nn.Parameter] = []
     for module in model.modules():
         if isinstance(module, BaseTunerLayer):
@@ -201,6 +225,9 @@ def adapter_parameters(model: nn.Module, adapter_name: str) -> list[nn.Parameter
 
 def adapter_is_zero(model: nn.Module, adapter_name: str) -> bool:
     """Whether the adapter's update B A is exactly zero (a fresh adapter): then it changes nothing."""
+    from peft.tuners.lora import LoraLayer
+    from torch import nn
+
     found = False
     for module in model.modules():
         if isinstance(module, LoraLayer):
@@ -219,27 +246,30 @@ def _is_adapter_key(key: str) -> bool:
     return any(part.startswith("lora_") for part in key.split("."))
 
 
-@torch.no_grad()
 def base_state_dict(model: PeftModel, merge_adapter: str | None = None) -> dict[str, torch.Tensor]:
     """The base model's state dict under its own (un-peft-ed) names, optionally with one adapter merged.
 
     Without `merge_adapter` the tensors are the live base weights (no copy); with it, each adapted
     weight becomes `W + (α / r) B A` (a new tensor) and the result loads into the plain model class.
     """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
     base = model.get_base_model()
     deltas = {}
-    if merge_adapter is not None:
-        for name, module in base.named_modules():
-            if isinstance(module, LoraLayer) and (merge_adapter in module.lora_A
-                                                  or merge_adapter in module.lora_embedding_A):
-                deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(merge_adapter)
-    state = {}
-    for key, value in base.state_dict().items():
-        if _is_adapter_key(key):
-            continue
-        if key in deltas:
-            value = value + deltas[key].to(value.dtype)
-        state[key.replace(".base_layer.", ".")] = value
+    with torch.no_grad():
+        if merge_adapter is not None:
+            for name, module in base.named_modules():
+                if isinstance(module, LoraLayer) and (merge_adapter in module.lora_A
+                                                      or merge_adapter in module.lora_embedding_A):
+                    deltas[f"{name}.base_layer.weight"] = module.get_delta_weight(merge_adapter)
+        state = {}
+        for key, value in base.state_dict().items():
+            if _is_adapter_key(key):
+                continue
+            if key in deltas:
+                value = value + deltas[key].to(value.dtype)
+            state[key.replace(".base_layer.", ".")] = value
     return state
 
 

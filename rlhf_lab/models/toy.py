@@ -13,9 +13,11 @@ Three small models that show, one idea at a time, how a language model uses its 
   token can look back at every earlier token directly.
 
 Each is a `PretrainedConfig` + `PreTrainedModel` + `GenerationMixin` pair registered with
-`AutoConfig` and `AutoModelForCausalLM` when this module is imported (`import rlhf_lab` does it),
-so they plug into `rlhf_lab.policy.Policy`, `save_pretrained` and
-`AutoModelForCausalLM.from_pretrained(folder)` exactly like a GPT-2.
+`AutoConfig` and `AutoModelForCausalLM` by `ensure_registered()` (run when this module is
+imported), so they plug into `rlhf_lab.policy.Policy`, `save_pretrained` and
+`AutoModelForCausalLM.from_pretrained(folder)` exactly like a GPT-2. `import rlhf_lab` does not
+import this module (it would pull in torch and transformers); every rlhf_lab path that builds or
+loads a model (`build_tiny_model`, `load_backbone`, `Policy.load`) calls `ensure_registered` first.
 
 Conventions shared by the three (what `Policy` relies on):
 
@@ -60,6 +62,7 @@ __all__ = [
     "ToyLSTMConfig",
     "ToyLSTMForCausalLM",
     "build_toy_model",
+    "ensure_registered",
 ]
 
 
@@ -589,4 +592,19 @@ def _register() -> None:
         AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
 
 
-_register()
+_registered = False
+
+
+def ensure_registered() -> None:
+    """Register the toy model types with the Auto classes once; later calls return at once.
+
+    Call it before `AutoModelForCausalLM.from_pretrained` on a folder that may hold a toy model
+    (a fresh process knows the toy types only after this).
+    """
+    global _registered
+    if not _registered:
+        _register()
+        _registered = True
+
+
+ensure_registered()

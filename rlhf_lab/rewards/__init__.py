@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 
-from rlhf_lab.data.datasets import SFTDataset, pad_collate
-from rlhf_lab.policy import Policy
+if TYPE_CHECKING:
+    from rlhf_lab.policy import Policy
 
 
 class CallableSource:
@@ -92,6 +93,8 @@ class RewardModelSource:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        from rlhf_lab.data.datasets import SFTDataset, pad_collate
+
         rows = [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)]
         data = SFTDataset(rows, self.model.tokenizer, self.max_length)
         pad = self.model.tokenizer.pad_token_id

@@ -6,6 +6,7 @@ from transformers import PreTrainedModel
 
 from rlhf_lab.models.backbones import (
     TINY_CONFIGS,
+    TOY_NAMES,
     backbone_names,
     build_tiny_model,
     load_backbone,
@@ -95,6 +96,7 @@ def test_named_backbone_needs_a_tokenizer():
 def test_toy_names_dispatch_to_the_toy_builder(tokenizer):
     toy = pytest.importorskip("rlhf_lab.models.toy")
     assert set(toy.TOY_CONFIGS) <= set(backbone_names())
+    assert TOY_NAMES == tuple(toy.TOY_CONFIGS)  # the light list the CLI reads stays in step
     for name in toy.TOY_CONFIGS:
         for model in (build_tiny_model(name, tokenizer), load_backbone(name, tokenizer)):
             assert isinstance(model, PreTrainedModel)

@@ -1,11 +1,13 @@
 """The toy LMs (bigram, LSTM, one-head attention) behave like any HF causal LM under Policy."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import rlhf_lab  # noqa: F401  (importing the package registers the toy models)
 from rlhf_lab.models.toy import (
     TOY_CONFIGS,
     ToyAttentionConfig,
@@ -14,6 +16,7 @@ from rlhf_lab.models.toy import (
     ToyLSTMForCausalLM,
     _register,
     build_toy_model,
+    ensure_registered,
 )
 from rlhf_lab.policy import Policy, position_ids_from_mask
 
@@ -222,3 +225,46 @@ def test_resize_token_embeddings_grows_both_ends(tokenizer):
     assert model.config.vocab_size == len(tokenizer) + 5
     out = model(input_ids=torch.tensor([[len(tokenizer) + 4, 1]]))
     assert out.logits.shape == (1, 2, len(tokenizer) + 5)
+
+
+def test_ensure_registered_is_idempotent():
+    ensure_registered()
+    ensure_registered()
+    assert AutoConfig.for_model("rlhf_lab_attention").model_type == "rlhf_lab_attention"
+
+
+# Run in a fresh interpreter, where nothing has imported rlhf_lab.models.toy: each load must
+# register the toy types itself. A plain (non-LoRA) load must not import peft either.
+FRESH_LOAD = """
+import sys
+import torch
+from rlhf_lab.models.backbones import load_backbone
+from rlhf_lab.policy import Policy
+
+folder, lora_folder, expected = sys.argv[1:]
+ids, mask, want, want_lora = torch.load(expected)
+policy = Policy.load(folder)
+assert type(policy.model).__name__ == "ToyLSTMForCausalLM", type(policy.model)
+assert "peft" not in sys.modules, "a plain folder must load without peft"
+assert torch.equal(policy.logprobs(ids, mask), want)
+assert type(load_backbone(folder)).__name__ == "ToyLSTMForCausalLM"
+assert torch.equal(Policy.load(lora_folder).logprobs(ids, mask), want_lora)
+"""
+
+
+def test_a_fresh_process_loads_saved_toy_folders(tokenizer, tmp_path):
+    from rlhf_lab.models.lora import LoraSettings
+
+    policy = Policy(make("lstm", tokenizer), tokenizer)
+    lora = Policy(make("attention", tokenizer), tokenizer, lora=LoraSettings(r=2))
+    with torch.no_grad():  # a non-zero adapter, so the loaded LoRA policy is not just its base
+        for p in lora.trainable_parameters():
+            p.add_(0.05)
+    policy.save(str(tmp_path / "lstm"))
+    lora.save(str(tmp_path / "lora"))
+    ids, mask = left_padded(tokenizer)
+    with torch.no_grad():
+        torch.save((ids, mask, policy.logprobs(ids, mask), lora.logprobs(ids, mask)), tmp_path / "expected.pt")
+    out = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(tmp_path / "lstm"), str(tmp_path / "lora"),
+                          str(tmp_path / "expected.pt")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]

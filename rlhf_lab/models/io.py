@@ -1,0 +1,161 @@
+"""Model folders on disk: the pieces `Policy.save` writes and `Policy.load` reads.
+
+A policy folder is a Hugging Face folder plus a few files of our own:
+
+    config.json, model.safetensors    the model (`save_pretrained`); or, with a LoRA adapter,
+    adapter_config.json,              the peft adapter, whose base is `base/` inside the folder
+    adapter_model.safetensors         or a local folder the metadata names
+    tokenizer files
+    scalar_head.safetensors           the value / score head, when there is one
+    critic/                           a separate critic (itself a policy folder), or the critic
+                                      adapter and its value head
+    rlhf_lab_policy.json              metadata: scalar_head, critic, base_model, merged_adapter,
+                                      plus what the caller adds (a stage's config)
+
+These helpers know models and folders, not the Policy. Every load registers the toy models
+first (`rlhf_lab.models.toy.ensure_registered`), so a folder holding one loads in a fresh process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import TYPE_CHECKING
+
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from rlhf_lab.models.lora import base_state_dict, load_adapter, save_adapter
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+    from torch import nn
+
+__all__ = [
+    "ADAPTER_CONFIG", "ADAPTER_FILE", "BASE_DIR", "CRITIC_ADAPTER", "CRITIC_DIR", "HEAD_FILE", "POLICY_FILE",
+    "find_base", "is_adapter_folder", "load_head", "load_lora_model", "load_model", "read_meta",
+    "save_critic_adapter", "save_head", "save_model", "write_meta",
+]
+
+HEAD_FILE = "scalar_head.safetensors"
+POLICY_FILE = "rlhf_lab_policy.json"
+CRITIC_DIR = "critic"
+BASE_DIR = "base"  # a LoRA policy's base model, inside its folder
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_FILE = "adapter_model.safetensors"
+CRITIC_ADAPTER = "critic"  # the name a saved critic adapter gets on the policy's base
+
+
+# ------------------------------------------------------------------ metadata
+def read_meta(path: str) -> dict:
+    """The folder's `rlhf_lab_policy.json`, or {} for a folder without one (any HF folder)."""
+    meta_path = os.path.join(path, POLICY_FILE)
+    if not os.path.exists(meta_path):
+        return {}
+    with open(meta_path) as f:
+        return json.load(f)
+
+
+def write_meta(path: str, meta: dict) -> None:
+    with open(os.path.join(path, POLICY_FILE), "w") as f:
+        json.dump(meta, f, indent=2, default=str)
+
+
+def is_adapter_folder(path: str) -> bool:
+    """Whether `path` holds a peft adapter (and so is restored as a base plus that adapter)."""
+    return os.path.exists(os.path.join(path, ADAPTER_CONFIG))
+
+
+# ------------------------------------------------------------------ loading
+def load_model(path: str) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained(path)`, with the toy architectures known."""
+    from rlhf_lab.models.toy import ensure_registered
+
+    ensure_registered()
+    return AutoModelForCausalLM.from_pretrained(path)
+
+
+def find_base(path: str, meta: dict) -> str:
+    """The base model folder of the LoRA folder `path`: the folder its metadata names, else its
+    `base/`, else (for a folder peft wrote) the local `base_model_name_or_path` of its adapter config."""
+    with open(os.path.join(path, ADAPTER_CONFIG)) as f:
+        peft_named = json.load(f).get("base_model_name_or_path") or ""
+    named = meta.get("base_model")
+    # The metadata's own choice first: a stale base/ left by an earlier save must not win over it.
+    candidates = [os.path.join(path, named) if named else "", os.path.join(path, BASE_DIR), peft_named]
+    for base_dir in candidates:
+        if base_dir and os.path.isdir(base_dir):
+            return base_dir
+    raise OSError(f"LoRA policy '{path}' has no base model: no '{BASE_DIR}/' inside it, and neither the folder "
+                  f"its metadata names ({named!r}) nor its adapter's base ({peft_named!r}) exists")
+
+
+def load_lora_model(path: str, meta: dict) -> PeftModel:
+    """The LoRA folder `path` as its base (see `find_base`) wrapped with its adapter, trainable."""
+    return load_adapter(load_model(find_base(path, meta)), path)
+
+
+def load_head(head: nn.Linear, file: str) -> None:
+    head.load_state_dict(load_file(file))
+
+
+# ------------------------------------------------------------------ saving
+def save_head(head: nn.Linear, file: str) -> None:
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, file)
+
+
+def save_model(model: PreTrainedModel, path: str, adapter_name: str | None = None, merge: bool = False,
+               save_base: bool | None = None) -> dict:
+    """Write `model` to the folder `path`; returns the metadata entries that describe what was written.
+
+    Without `adapter_name`: `model.save_pretrained(path)`. With it (`model` is then a PeftModel):
+    `merge=True` writes a plain HF model with that adapter merged into the weights
+    (`W + (α / r) B A`, metadata `merged_adapter`); otherwise the adapter alone plus its base,
+    which `save_base` places (see `_save_base`, metadata `base_model`). Adapter files an earlier
+    save left in `path` are removed when no adapter is written, so loading never mistakes the
+    folder for an adapter folder.
+    """
+    meta: dict = {}
+    if adapter_name is None:
+        model.save_pretrained(path)
+    elif merge:
+        model.get_base_model().save_pretrained(path, state_dict=base_state_dict(model, merge_adapter=adapter_name))
+        meta["merged_adapter"] = model.peft_config[adapter_name].to_dict()
+    else:
+        save_adapter(model, adapter_name, path)
+        meta["base_model"] = _save_base(model, path, save_base)
+    if adapter_name is None or merge:
+        for name in (ADAPTER_CONFIG, ADAPTER_FILE):
+            if os.path.exists(os.path.join(path, name)):
+                os.remove(os.path.join(path, name))
+    return meta
+
+
+def _save_base(model: PeftModel, path: str, save_base: bool | None) -> str:
+    """Write the base to `path/base/`, or name the folder it came from; returns what the metadata names.
+
+    `save_base=True` writes `base/`; False names the local folder the base was loaded from (it
+    must still exist when loading); None names that folder when there is one, else writes `base/`.
+    """
+    base = model.get_base_model()
+    source = getattr(base, "name_or_path", "") or ""
+    known = os.path.abspath(source) if source and os.path.isdir(source) else None
+    if save_base is None:
+        save_base = known is None
+    if save_base:
+        base.save_pretrained(os.path.join(path, BASE_DIR), state_dict=base_state_dict(model))
+        return BASE_DIR
+    if known is None:
+        raise ValueError(f"save_base=False names the base's folder, but this base was not loaded "
+                         f"from a local folder (name_or_path={source!r}); save it with save_base=True")
+    stale = os.path.join(path, BASE_DIR)
+    if os.path.isdir(stale):  # an earlier save into this folder wrote a base; it is not this one
+        shutil.rmtree(stale)
+    return known
+
+
+def save_critic_adapter(model: PeftModel, adapter_name: str, head: nn.Linear, folder: str) -> None:
+    """Write a critic adapter and its value head to `folder` (a policy folder's `critic/`)."""
+    save_adapter(model, adapter_name, folder)
+    save_head(head, os.path.join(folder, HEAD_FILE))

@@ -1,0 +1,182 @@
+"""Sampling responses from a causal LM: the loop behind `Policy.generate`.
+
+Prompts are left-padded so every row's next token sits in the same column; each step feeds one
+token per row and reuses the KV cache, so a response of n tokens costs one prompt pass and n
+single-token passes. A row stops at its first EOS; later columns are padding and masked out.
+The result is a `Rollout` with the sampled tokens' log-probs under the temperature-scaled full
+distribution, so they equal the Policy's teacher-forced `logprobs` on the returned sequences.
+
+Stages call `Policy.generate`, never these functions directly: the Policy stays the one door to
+a model.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf_lab.rollout import Rollout
+
+__all__ = ["check_sampling", "decode_responses", "encode_prompts", "generate", "position_ids_from_mask",
+           "top_p_filter"]
+
+log = logging.getLogger(__name__)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions that skip left padding, so a left-padded row sees the same positions as unpadded."""
+    return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus sampling (Holtzman et al. 2020): keep the smallest set of tokens with mass ≥ top_p."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    # Drop a token when the mass before it already reaches top_p; the top token always stays.
+    drop_sorted = (cum - sorted_logits.softmax(dim=-1)) >= top_p
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and mask on `device`, so every prompt ends at the same column."""
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    return enc["input_ids"].to(device), enc["attention_mask"].to(device)
+
+
+def decode_responses(tokenizer: PreTrainedTokenizerBase, rollout_ids: torch.Tensor,
+                     response_mask: torch.Tensor) -> list[str]:
+    """Decode each row's response tokens, dropping special tokens (EOS, padding)."""
+    rows = [ids[m.bool()].tolist() for ids, m in zip(rollout_ids, response_mask, strict=True)]
+    return tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float, greedy: bool,
+                   samples_per_prompt: int) -> None:
+    """Raise ValueError, naming the argument, for sampling settings that cannot work."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not greedy and temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+
+
+def _fit_positions(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
+                   limit: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut the start of prompts so prompt + response fits the model's `limit` positions."""
+    if not limit or prompt_ids.shape[1] + max_new_tokens <= limit:
+        return prompt_ids, prompt_mask
+    # Keep the end of each prompt (next to the answer).
+    keep = limit - max_new_tokens
+    if keep < 1:
+        raise ValueError(f"max_new_tokens = {max_new_tokens} leaves no room for a prompt in the "
+                         f"model's {limit} positions")
+    n_cut = int((prompt_mask.sum(dim=1) > keep).sum())
+    if n_cut:
+        log.warning("generate: cut the start of %d of %d prompts to %d tokens (the model has %d "
+                    "positions, %d go to the response)", n_cut, prompt_ids.shape[0], keep, limit, max_new_tokens)
+    return prompt_ids[:, -keep:], prompt_mask[:, -keep:]
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    max_new_tokens: int = 16,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    samples_per_prompt: int = 1,
+    suppress_eos: bool = False,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample up to `max_new_tokens` per row (see `Policy.generate` for the arguments).
+
+    Runs `model` in eval mode and puts its previous mode back. Prompts longer than the model's
+    `max_position_embeddings` leave room for the response lose their start (with a warning).
+    Each prompt fills `samples_per_prompt` adjacent rows: `group_ids[i] = i // samples_per_prompt`.
+    """
+    check_sampling(max_new_tokens, temperature, top_p, greedy, samples_per_prompt)
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample(model, tokenizer, prompts, max_new_tokens, temperature if not greedy else 1.0,
+                       top_p, greedy, samples_per_prompt, suppress_eos, generator)
+    finally:
+        model.train(was_training)
+
+
+def _sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy, samples_per_prompt,
+            suppress_eos, generator) -> Rollout:
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    prompt_ids, prompt_mask = _fit_positions(prompt_ids, prompt_mask, max_new_tokens, limit)
+    if samples_per_prompt > 1:
+        prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
+        prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
+    b = prompt_ids.shape[0]
+    device = prompt_ids.device
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    finished = torch.zeros(b, dtype=torch.bool, device=device)
+    tokens, logps, alive = [], [], []
+    mask = prompt_mask
+    positions = position_ids_from_mask(prompt_mask)
+    step_ids, step_pos, cache = prompt_ids, positions, None
+    for _ in range(max_new_tokens):
+        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        logits = out.logits[:, -1].float() / temperature  # (B, V)
+        logp_all = logits.log_softmax(dim=-1)
+        sample_logits = logits
+        if suppress_eos:
+            sample_logits = sample_logits.clone()
+            sample_logits[:, eos] = float("-inf")
+        if greedy:
+            token = sample_logits.argmax(dim=-1)
+        else:
+            if top_p < 1.0:
+                sample_logits = top_p_filter(sample_logits, top_p)
+            probs = sample_logits.softmax(dim=-1)
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        live = ~finished
+        token = torch.where(live, token, torch.full_like(token, pad))
+        logp = logp_all.gather(-1, token[:, None]).squeeze(-1) * live
+        tokens.append(token)
+        logps.append(logp)
+        alive.append(live)
+        finished = finished | (live & (token == eos))
+        # The next step attends to this token only if it is part of a live response.
+        mask = torch.cat([mask, live.long()[:, None]], dim=1)
+        step_pos = step_pos[:, -1:] + 1
+        step_ids = token[:, None]
+        if bool(finished.all()):
+            break
+    response_ids = torch.stack(tokens, dim=1)  # (B, N)
+    response_mask = torch.stack(alive, dim=1).long()
+    n_prompt = prompt_ids.shape[1]
+    input_ids = torch.cat([prompt_ids, response_ids], dim=1)
+    attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
+    full_response_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
+    logprobs = torch.cat([torch.zeros_like(prompt_ids, dtype=torch.float),
+                          torch.stack(logps, dim=1)], dim=1)
+    repeated = [p for p in prompts for _ in range(samples_per_prompt)]
+    return Rollout(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        response_mask=full_response_mask,
+        logprobs=logprobs,
+        prompt_length=n_prompt,
+        group_ids=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
+        ended_with_eos=finished,
+        prompts=repeated,
+        completions=decode_responses(tokenizer, response_ids, response_mask),
+    )
