@@ -104,7 +104,9 @@ class Rollout:
         """Stack rollouts along the batch, right-padding shorter ones in time.
 
         Prompts of different rollouts may have been left-padded to different widths; that is kept
-        as is (each row carries its own masks), so only the right side is padded here.
+        as is (each row carries its own masks), so only the right side is padded here. Group ids
+        are renumbered so that groups of different rollouts stay apart (the first rollout's ids are
+        kept, later ones are shifted past them; within a rollout, rows share an id as before).
         """
         if not rollouts:
             raise ValueError("Rollout.concat needs at least one rollout")
@@ -122,6 +124,18 @@ class Rollout:
         for name in _SEQ_FIELDS:
             parts = [getattr(r, name) for r in rollouts]
             kwargs[name] = None if any(p is None for p in parts) else torch.cat(parts)
+        if kwargs["group_ids"] is not None:
+            # Group ids are local to a rollout (Policy.generate numbers its prompts from 0), so
+            # each part's ids are shifted past the previous parts' and groups never merge.
+            shifted, offset = [], None
+            for r in rollouts:
+                ids = r.group_ids
+                if offset is not None and ids.numel():
+                    ids = ids - ids.min() + offset
+                if ids.numel():
+                    offset = int(ids.max()) + 1
+                shifted.append(ids)
+            kwargs["group_ids"] = torch.cat(shifted)
         for name in _TEXT_FIELDS:
             kwargs[name] = [x for r in rollouts for x in getattr(r, name)]
         return Rollout(**kwargs)
@@ -177,14 +191,15 @@ class RolloutBuffer:
         estimator: str = "gae",
         gamma: float = 1.0,
         lam: float = 0.95,
-        group_size: int = 1,
         whiten: bool = True,
     ) -> Rollout:
         """Fill `advantages` and `returns` of the buffered rollout.
 
-        `estimator="gae"` uses per-token `rewards` and the critic's `values`; the REINFORCE
-        baselines (`none`, `batch_mean`, `leave_one_out`, `group_norm`) use the per-sequence
-        `rewards` summed over the response, broadcast to every response token.
+        `estimator="gae"` uses per-token `rewards` and the critic's `values` (`gamma`, `lam`); the
+        REINFORCE baselines (`none`, `batch_mean`, `leave_one_out`, `group_norm`) use the
+        per-sequence `rewards` summed over the response, grouped by the rollout's `group_ids`
+        (rows with one id are the samples of one prompt, wherever they sit in the batch), and
+        broadcast to every response token.
         """
         data = self.data
         if data.rewards is None:
@@ -195,8 +210,10 @@ class RolloutBuffer:
                 raise ValueError("estimator 'gae' needs rollout.values (a critic)")
             advantages, returns = gae(data.rewards, data.values, mask, gamma=gamma, lam=lam)
         elif estimator in BASELINES:
+            if data.group_ids is None:
+                raise ValueError(f"estimator '{estimator}' needs rollout.group_ids (Policy.generate sets them)")
             seq_return = (data.rewards * mask).sum(dim=1)
-            seq_adv = BASELINES[estimator](seq_return, group_size)
+            seq_adv = BASELINES[estimator](seq_return, data.group_ids)
             advantages = seq_adv[:, None] * mask
             returns = seq_return[:, None] * mask
         else:

@@ -91,3 +91,50 @@ def test_rollout_rejects_misshaped_fields():
     with pytest.raises(ValueError, match="Rollout.logprobs"):
         Rollout(input_ids=torch.zeros(2, 3, dtype=torch.long), attention_mask=torch.ones(2, 3),
                 response_mask=torch.ones(2, 3), logprobs=torch.zeros(2, 4), prompt_length=1)
+
+
+def _scored(scores, group_ids):
+    """A rollout whose per-token rewards carry `scores` on the last response token."""
+    r = _rollout(b=len(scores))
+    r.rewards[:, -1] = torch.tensor(scores)
+    r.group_ids = torch.tensor(group_ids)
+    return r
+
+
+@pytest.mark.parametrize("estimator", ["leave_one_out", "group_norm"])
+def test_group_baselines_read_the_rollouts_group_ids(estimator):
+    # Three prompts, two samples each, stored contiguously; then the same rows shuffled.
+    scores, ids = [1.0, 3.0, 0.0, 4.0, 5.0, 5.0], [0, 0, 1, 1, 2, 2]
+    contiguous = RolloutBuffer(pad_token_id=0)
+    contiguous.add(_scored(scores, ids))
+    expected = contiguous.compute_advantages(estimator, whiten=False).advantages[:, -1]
+    perm = torch.tensor([3, 0, 5, 1, 4, 2])
+    shuffled = RolloutBuffer(pad_token_id=0)
+    shuffled.add(_scored(scores, ids).index(perm))
+    got = shuffled.compute_advantages(estimator, whiten=False).advantages[:, -1]
+    torch.testing.assert_close(got, expected[perm])
+    if estimator == "leave_one_out":
+        # G = 2: each sample minus the other one: [1 - 3, 3 - 1, 0 - 4, 4 - 0, 0, 0]
+        torch.testing.assert_close(expected, torch.tensor([-2.0, 2.0, -4.0, 4.0, 0.0, 0.0]))
+
+
+def test_group_baselines_need_group_ids():
+    buffer = RolloutBuffer(pad_token_id=0)
+    r = _rollout(b=4)
+    r.group_ids = None
+    buffer.add(r)
+    with pytest.raises(ValueError, match="needs rollout.group_ids"):
+        buffer.compute_advantages("leave_one_out")
+    buffer.compute_advantages("gae")  # the critic does not group
+
+
+def test_concat_keeps_groups_of_different_rollouts_apart():
+    # Both rollouts number their prompts from 0 (as Policy.generate does); concatenated, the
+    # second one's groups are shifted past the first one's, so no two prompts share a group.
+    buffer = RolloutBuffer(pad_token_id=0)
+    buffer.add(_rollout(b=4))  # group_ids [0, 0, 1, 1]
+    buffer.add(_rollout(b=2))  # group_ids [0, 0]
+    assert buffer.data.group_ids.tolist() == [0, 0, 1, 1, 2, 2]
+    single = RolloutBuffer(pad_token_id=0)
+    single.add(_scored([1.0, 2.0], [4, 4]))
+    assert single.data.group_ids.tolist() == [4, 4]  # one rollout keeps its own ids

@@ -1,8 +1,10 @@
-"""Pure tensor loss functions for RLHF: masked reductions, LM, reward, KL, advantages, PPO, DPO.
+"""Pure tensor loss functions for RLHF: masked reductions, LM, reward, KL, advantages, PPO, DPO,
+TRPO's objective, and the online objective (reward shaping, KL-in-loss term, combined loss).
 
 Nothing here touches models, Lightning or I/O; every loss returns ``(loss, metrics)`` with
-``metrics`` a dict of detached scalar tensors (KL estimators and advantage functions return
-tensors).
+``metrics`` a dict of detached scalar tensors (KL estimators, advantage functions and
+``shape_rewards`` return tensors). Update rules that overwrite parameters (TRPO's step) live in
+``rlhf_lab.optim``.
 """
 
 from rlhf_lab.losses.advantages import (
@@ -11,6 +13,7 @@ from rlhf_lab.losses.advantages import (
     baseline_group_norm,
     baseline_leave_one_out,
     baseline_none,
+    contiguous_group_ids,
     gae,
     reinforce_advantages,
     whiten_advantages,
@@ -37,6 +40,7 @@ from rlhf_lab.losses.kl import (
 )
 from rlhf_lab.losses.lm import lm_loss
 from rlhf_lab.losses.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from rlhf_lab.losses.objective import kl_loss, online_objective, shape_rewards
 from rlhf_lab.losses.ppo import (
     AGGREGATIONS,
     RATIO_LEVELS,
@@ -45,13 +49,7 @@ from rlhf_lab.losses.ppo import (
     ppo_value_loss,
 )
 from rlhf_lab.losses.reward import bradley_terry_loss
-from rlhf_lab.losses.trpo import (
-    conjugate_gradient,
-    fisher_vector_product,
-    mean_kl,
-    surrogate_loss,
-    trpo_step,
-)
+from rlhf_lab.losses.trpo import mean_kl, surrogate_loss
 
 __all__ = [
     # masked
@@ -78,6 +76,7 @@ __all__ = [
     "baseline_leave_one_out",
     "baseline_group_norm",
     "BASELINES",
+    "contiguous_group_ids",
     "reinforce_advantages",
     "whiten_advantages",
     # ppo
@@ -86,6 +85,10 @@ __all__ = [
     "entropy_bonus",
     "RATIO_LEVELS",
     "AGGREGATIONS",
+    # online objective
+    "shape_rewards",
+    "kl_loss",
+    "online_objective",
     # dpo
     "chosen_nll",
     "dpo_sigmoid",
@@ -99,7 +102,4 @@ __all__ = [
     # trpo
     "surrogate_loss",
     "mean_kl",
-    "conjugate_gradient",
-    "fisher_vector_product",
-    "trpo_step",
 ]

@@ -11,6 +11,7 @@ from rlhf_lab.checks import (
     check_ndim,
     check_positive,
     check_same_shape,
+    check_tensor,
     check_unit_interval,
 )
 from rlhf_lab.losses.masked import masked_whiten
@@ -22,6 +23,7 @@ __all__ = [
     "baseline_leave_one_out",
     "baseline_group_norm",
     "BASELINES",
+    "contiguous_group_ids",
     "reinforce_advantages",
     "whiten_advantages",
 ]
@@ -90,84 +92,113 @@ def gae(
     return advantages.to(out_dtype), returns.to(out_dtype)
 
 
-def _grouped(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Check (B,) scores and view them as (n_prompts, G)."""
+def _group_index(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check (B,) scores and (B,) group ids; return each row's group index 0..K-1 and the (K,) group sizes."""
     check_ndim("scores", scores, 1, "(B,)")
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
-    if scores.shape[0] % group_size != 0:
+    check_tensor("group_ids", group_ids)
+    if group_ids.shape != scores.shape:
         raise ValueError(
-            f"group_size {group_size} must divide the batch size of scores {scores.shape[0]}"
+            f"group_ids must have shape (B,) = {tuple(scores.shape)} like scores, got {tuple(group_ids.shape)}"
         )
-    return scores.view(-1, group_size)
+    if group_ids.is_floating_point() or group_ids.is_complex():
+        raise ValueError(f"group_ids must be an integer tensor, got dtype {group_ids.dtype}")
+    # Any ids work (e.g. prompt indices of a shuffled or filtered batch): map them to 0..K-1.
+    _, index = torch.unique(group_ids, return_inverse=True)
+    sizes = torch.bincount(index)
+    return index, sizes
 
 
-def baseline_none(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """No baseline: the advantage is the raw score.
+def _group_mean(x: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Mean of x over each row's group, gathered back to the rows. Shape: (B,) -> (B,)."""
+    sums = torch.zeros(sizes.shape[0], dtype=x.dtype, device=x.device).index_add_(0, index, x)
+    return (sums / sizes.to(x.dtype))[index]
+
+
+def contiguous_group_ids(batch_size: int, group_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Group ids of a batch whose rows come in contiguous groups: [0]*G + [1]*G + ... .
+
+    The layout `Policy.generate(..., samples_per_prompt=G)` produces (it sets `group_ids` itself);
+    for building inputs of the baselines by hand.
+
+    Shape: returns (batch_size,) int64, batch_size = n_prompts * group_size.
+    """
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be an int >= 1, got {group_size!r}")
+    if batch_size % group_size:
+        raise ValueError(f"group_size {group_size} must divide the batch size {batch_size}")
+    return torch.arange(batch_size // group_size, device=device).repeat_interleave(group_size)
+
+
+def baseline_none(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """No baseline: the advantage is the raw score (group_ids are checked, then unused).
 
     Formula: A_i = R_i.
     Reference: Williams 1992, "Simple Statistical Gradient-Following Algorithms for
     Connectionist Reinforcement Learning" (Machine Learning 8).
 
-    Shape: scores (B,) with B = n_prompts * G -> (B,).
+    Shape: scores (B,), group_ids (B,) integer -> (B,).
     """
-    _grouped(scores, group_size)
+    _group_index(scores, group_ids)
     return scores.clone()
 
 
-def baseline_batch_mean(scores: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Subtract the mean score of the whole batch.
+def baseline_batch_mean(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Subtract the mean score of the whole batch (group_ids are checked, then unused).
 
     Formula: A_i = R_i - (1/B) sum_j R_j.
     Reference: Williams 1992, "Simple Statistical Gradient-Following Algorithms for
     Connectionist Reinforcement Learning" (Machine Learning 8), reinforcement baseline.
 
-    Shape: scores (B,) with B = n_prompts * G -> (B,).
+    Shape: scores (B,), group_ids (B,) integer -> (B,).
     """
-    _grouped(scores, group_size)
+    _group_index(scores, group_ids)
     return scores - scores.mean()
 
 
-def baseline_leave_one_out(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+def baseline_leave_one_out(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
     """RLOO: subtract the mean score of the other samples for the same prompt.
 
-    Formula: A_i = R_i - 1/(G-1) sum_{j != i, same prompt} R_j
-                 = G/(G-1) * (R_i - mean_group R).
+    Formula: with g(i) the rows sharing row i's group id and n = |g(i)|,
+        A_i = R_i - 1/(n-1) sum_{j in g(i), j != i} R_j = n/(n-1) * (R_i - mean_{g(i)} R).
         Leaving sample i out keeps the baseline independent of it, so the gradient stays
-        unbiased. Needs G >= 2.
+        unbiased. Groups may sit anywhere in the batch and differ in size; each needs n >= 2.
     Reference: Kool et al. 2019, "Buy 4 REINFORCE Samples, Get a Baseline for Free!"
     (ICLR 2019 workshop); Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style
     Optimization for Learning from Human Feedback in LLMs" (arXiv:2402.14740).
 
-    Shape: scores (B,) with B = n_prompts * G, rows [k*G:(k+1)*G] from prompt k -> (B,).
+    Shape: scores (B,), group_ids (B,) integer (rows with equal ids come from one prompt) -> (B,).
     """
-    groups = _grouped(scores, group_size)
-    if group_size < 2:
-        raise ValueError(f"group_size must be >= 2 for leave_one_out, got {group_size}")
-    centered = groups - groups.mean(dim=1, keepdim=True)
-    return (centered * (group_size / (group_size - 1))).reshape(-1)
+    index, sizes = _group_index(scores, group_ids)
+    if bool((sizes < 2).any()):
+        lonely = torch.unique(group_ids)[sizes < 2].tolist()
+        raise ValueError(
+            f"leave_one_out needs >= 2 samples in every group (group_size >= 2); groups {lonely} have 1"
+        )
+    n = sizes.to(scores.dtype)[index]
+    return (scores - _group_mean(scores, index, sizes)) * (n / (n - 1))
 
 
-def baseline_group_norm(scores: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+def baseline_group_norm(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: standardise each score within the group of samples for its prompt.
 
-    Formula: A_i = (R_i - mean_group R) / (std_group R + eps), where std is the population
-        standard deviation sqrt(1/G sum_j (R_j - mean)^2) (unbiased=False), so a group of G=2
-        scores {a, b} maps to {+1, -1} (up to eps) and G=1 is defined (gives 0). A group with
-        identical scores gives 0.
+    Formula: A_i = (R_i - mean_{g(i)} R) / (std_{g(i)} R + eps), with g(i) the rows sharing row
+        i's group id and std the population standard deviation sqrt(1/n sum_j (R_j - mean)^2)
+        (unbiased=False), so a group of two scores {a, b} maps to {+1, -1} (up to eps) and a
+        group of one is defined (gives 0). A group with identical scores gives 0. Groups may sit
+        anywhere in the batch and differ in size.
     Reference: Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
     Open Language Models" (arXiv:2402.03300), outcome supervision in GRPO.
 
-    Shape: scores (B,) with B = n_prompts * G, rows [k*G:(k+1)*G] from prompt k -> (B,).
+    Shape: scores (B,), group_ids (B,) integer (rows with equal ids come from one prompt) -> (B,).
     """
-    groups = _grouped(scores, group_size)
+    index, sizes = _group_index(scores, group_ids)
     check_positive("eps", eps, allow_zero=True)
-    mean = groups.mean(dim=1, keepdim=True)
-    std = groups.std(dim=1, unbiased=False, keepdim=True)
-    return ((groups - mean) / (std + eps)).reshape(-1)
+    centered = scores - _group_mean(scores, index, sizes)
+    std = _group_mean(centered**2, index, sizes).sqrt()
+    return centered / (std + eps)
 
 
-BASELINES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
+BASELINES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "none": baseline_none,
     "batch_mean": baseline_batch_mean,
     "leave_one_out": baseline_leave_one_out,
@@ -176,7 +207,7 @@ BASELINES: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
 
 
 def reinforce_advantages(
-    scores: torch.Tensor, group_size: int, baseline: str = "batch_mean"
+    scores: torch.Tensor, group_ids: torch.Tensor, baseline: str = "batch_mean"
 ) -> torch.Tensor:
     """Per-sequence REINFORCE advantages with the baseline chosen by name from BASELINES.
 
@@ -185,10 +216,10 @@ def reinforce_advantages(
     Reference: Williams 1992, "Simple Statistical Gradient-Following Algorithms for
     Connectionist Reinforcement Learning" (Machine Learning 8), and the per-baseline papers.
 
-    Shape: scores (B,) with B = n_prompts * G -> (B,).
+    Shape: scores (B,), group_ids (B,) integer -> (B,).
     """
     check_choice("baseline", baseline, BASELINES)
-    return BASELINES[baseline](scores, group_size)
+    return BASELINES[baseline](scores, group_ids)
 
 
 def whiten_advantages(advantages: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ Alignment from Online AI Feedback").
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from functools import partial
 
 import lightning as L
@@ -34,8 +34,8 @@ class DPOConfig:
 
     variant: str = "sigmoid"  # sigmoid | ipo | hinge | robust | robust_unbiased | simpo
     beta: float | None = None  # β of the variant; None = the variant's default (0.1; SimPO 2.0)
-    label_smoothing: float = 0.0  # ε of the robust variants
-    gamma: float = 0.5  # SimPO's target margin
+    label_smoothing: float = 0.0  # ε of the robust variants (robust, robust_unbiased); refused for others
+    gamma: float = 0.5  # SimPO's target margin; refused for other variants
     nll_coef: float = 0.0  # α of an added NLL term on the chosen responses (RPO); 0 = off
     reference: str = "copy"  # "copy" (the Policy's frozen copy) or "precomputed" (once, offline only)
     lr: float = 1e-4  # AdamW learning rate
@@ -59,6 +59,24 @@ class DPOConfig:
         check_positive("max_length", self.max_length)
         check_positive("max_new_tokens", self.max_new_tokens)
         check_positive("temperature", self.temperature)
+        self._reject_inert_knobs()
+
+    def _reject_inert_knobs(self) -> None:
+        """Refuse a variant-specific knob set away from its default for a variant that never reads it.
+
+        In `rlhf_lab.losses.dpo` only the robust variants read `label_smoothing` and only SimPO
+        reads `gamma`; SimPO is reference-free, so `reference` chooses nothing for it.
+        """
+        defaults = {f.name: f.default for f in fields(self)}
+        users = {"label_smoothing": ("robust", "robust_unbiased"), "gamma": ("simpo",)}
+        for name, variants in users.items():
+            value = getattr(self, name)
+            if self.variant not in variants and value != defaults[name]:
+                raise ValueError(f"{name} has no effect with variant={self.variant!r} (got {value!r}; it is read "
+                                 f"by {', '.join(variants)}); leave it at its default")
+        if self.variant in REFERENCE_FREE and self.reference != defaults["reference"]:
+            raise ValueError(f"reference has no effect with variant={self.variant!r} (got {self.reference!r}; "
+                             "the variant is reference-free); leave it at its default")
 
 
 def sequence_logprobs(policy: Policy, batch: dict, reference: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

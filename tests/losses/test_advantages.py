@@ -7,6 +7,7 @@ from rlhf_lab.losses import (
     baseline_group_norm,
     baseline_leave_one_out,
     baseline_none,
+    contiguous_group_ids,
     gae,
     masked_mean,
     masked_var,
@@ -124,25 +125,33 @@ def test_gae_bad_inputs():
 
 # Two prompts, G = 3: group 0 = [1, 2, 3], group 1 = [7, 8, 12]
 SCORES = torch.tensor([1.0, 2.0, 3.0, 7.0, 8.0, 12.0])
+IDS = torch.tensor([0, 0, 0, 1, 1, 1])
+
+
+def test_contiguous_group_ids():
+    assert contiguous_group_ids(6, 3).tolist() == IDS.tolist()
+    assert contiguous_group_ids(4, 1).tolist() == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="group_size"):
+        contiguous_group_ids(6, 4)  # 6 % 4 != 0
+    with pytest.raises(ValueError, match="group_size"):
+        contiguous_group_ids(6, 0)
 
 
 def test_baseline_none_and_batch_mean_by_hand():
-    torch.testing.assert_close(baseline_none(SCORES, 3), SCORES)
+    torch.testing.assert_close(baseline_none(SCORES, IDS), SCORES)
     # batch mean = (1 + 2 + 3 + 7 + 8 + 12) / 6 = 33 / 6 = 5.5
     expected = torch.tensor([-4.5, -3.5, -2.5, 1.5, 2.5, 6.5])
-    torch.testing.assert_close(baseline_batch_mean(SCORES, 3), expected)
-    torch.testing.assert_close(baseline_batch_mean(SCORES, 3), SCORES - SCORES.mean())
+    torch.testing.assert_close(baseline_batch_mean(SCORES, IDS), expected)
+    torch.testing.assert_close(baseline_batch_mean(SCORES, IDS), SCORES - SCORES.mean())
 
 
 def test_leave_one_out_by_hand_and_excludes_self():
     # group 0: 1 - (2+3)/2 = -1.5; 2 - (1+3)/2 = 0;    3 - (1+2)/2 = 1.5
     # group 1: 7 - (8+12)/2 = -3;  8 - (7+12)/2 = -1.5; 12 - (7+8)/2 = 4.5
-    adv = baseline_leave_one_out(SCORES, 3)
+    adv = baseline_leave_one_out(SCORES, IDS)
     torch.testing.assert_close(adv, torch.tensor([-1.5, 0.0, 1.5, -3.0, -1.5, 4.5]))
-    group_size = 3
     for i in range(len(SCORES)):
-        start = (i // group_size) * group_size
-        others = [SCORES[j] for j in range(start, start + group_size) if j != i]
+        others = [SCORES[j] for j in range(len(SCORES)) if IDS[j] == IDS[i] and j != i]
         assert adv[i].item() == pytest.approx((SCORES[i] - sum(others) / len(others)).item())
 
 
@@ -151,7 +160,7 @@ def test_group_norm_by_hand():
     #   -> [-1/0.816497, 0, 1/0.816497] = [-1.224745, 0, 1.224745]
     # group 1: mean 9, deviations [-2, -1, 3], std sqrt((4 + 1 + 9) / 3) = 2.160247
     #   -> [-0.925820, -0.462910, 1.388730]
-    adv = baseline_group_norm(SCORES, 3)
+    adv = baseline_group_norm(SCORES, IDS)
     expected = torch.tensor([-1.224745, 0.0, 1.224745, -0.925820, -0.462910, 1.388730])
     torch.testing.assert_close(adv, expected, atol=1e-5, rtol=0)
 
@@ -159,7 +168,7 @@ def test_group_norm_by_hand():
 def test_group_norm_is_per_group():
     # Group 1 is 100x larger in scale; each group still gets mean 0 and population std 1.
     scores = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0, 300.0, 200.0, 400.0])
-    adv = baseline_group_norm(scores, 4).view(2, 4)
+    adv = baseline_group_norm(scores, contiguous_group_ids(8, 4)).view(2, 4)
     torch.testing.assert_close(adv.mean(dim=1), torch.zeros(2), atol=1e-6, rtol=0)
     torch.testing.assert_close(adv.std(dim=1, unbiased=False), torch.ones(2), atol=1e-5, rtol=0)
     # A batch-wide normalisation would not give this.
@@ -168,17 +177,43 @@ def test_group_norm_is_per_group():
 
 
 def test_group_norm_constant_group_is_zero():
-    adv = baseline_group_norm(torch.tensor([5.0, 5.0, 1.0, 3.0]), 2)
+    adv = baseline_group_norm(torch.tensor([5.0, 5.0, 1.0, 3.0]), torch.tensor([0, 0, 1, 1]))
     assert torch.isfinite(adv).all()
     # [5, 5] -> 0 / (0 + eps) = 0; [1, 3] -> mean 2, std 1 -> [-1, 1] (up to eps)
     torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, -1.0, 1.0]), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_baselines_group_by_ids_not_by_position(name):
+    # Shuffle the rows together with their group ids: every row keeps its advantage.
+    fn = BASELINES[name]
+    perm = torch.randperm(6, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(fn(SCORES[perm], IDS[perm]), fn(SCORES, IDS)[perm])
+    # Any integer ids work, in any order: [7, 3] names the same two groups as [0, 1].
+    torch.testing.assert_close(fn(SCORES, torch.where(IDS == 0, 7, 3)), fn(SCORES, IDS))
+
+
+def test_interleaved_and_unequal_groups_by_hand():
+    # Rows alternate between prompts a (id 5) and b (id 2), and a has 3 samples, b has 2:
+    #   a = rows 0, 2, 4 = [1, 2, 6]  (mean 3);   b = rows 1, 3 = [10, 20]  (mean 15)
+    scores = torch.tensor([1.0, 10.0, 2.0, 20.0, 6.0])
+    ids = torch.tensor([5, 2, 5, 2, 5])
+    # RLOO: a: 1 - (2+6)/2 = -3, 2 - (1+6)/2 = -1.5, 6 - (1+2)/2 = 4.5;  b: 10 - 20 = -10, 20 - 10 = 10
+    torch.testing.assert_close(baseline_leave_one_out(scores, ids), torch.tensor([-3.0, -10.0, -1.5, 10.0, 4.5]))
+    # GRPO: a: deviations [-2, -1, 3], std sqrt(14/3) = 2.160247 -> [-0.925820, -0.462910, 1.388730]
+    #       b: deviations [-5, 5], std 5 -> [-1, 1]
+    torch.testing.assert_close(baseline_group_norm(scores, ids),
+                               torch.tensor([-0.925820, -1.0, -0.462910, 1.0, 1.388730]), atol=1e-5, rtol=0)
+    # The position-blind contiguous reading (groups [1, 10, 2], [20, 6]) would give other values.
+    assert not torch.allclose(baseline_group_norm(scores, ids),
+                              baseline_group_norm(scores, torch.tensor([0, 0, 0, 1, 1])))
+
+
 def test_reinforce_advantages_dispatches_and_every_baseline_differs():
-    outs = {name: reinforce_advantages(SCORES, 3, baseline=name) for name in BASELINES}
+    outs = {name: reinforce_advantages(SCORES, IDS, baseline=name) for name in BASELINES}
     for name, fn in BASELINES.items():
-        torch.testing.assert_close(outs[name], fn(SCORES, 3))
-    torch.testing.assert_close(reinforce_advantages(SCORES, 3), outs["batch_mean"])
+        torch.testing.assert_close(outs[name], fn(SCORES, IDS))
+    torch.testing.assert_close(reinforce_advantages(SCORES, IDS), outs["batch_mean"])
     names = list(outs)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
@@ -187,20 +222,20 @@ def test_reinforce_advantages_dispatches_and_every_baseline_differs():
 
 def test_baseline_bad_inputs():
     with pytest.raises(ValueError, match="baseline") as err:
-        reinforce_advantages(SCORES, 3, baseline="critic")
+        reinforce_advantages(SCORES, IDS, baseline="critic")
     for name in BASELINES:
         assert name in str(err.value)
     for fn in BASELINES.values():
-        with pytest.raises(ValueError, match="group_size"):
-            fn(SCORES, 4)  # 6 % 4 != 0
-        with pytest.raises(ValueError, match="group_size"):
-            fn(SCORES, 0)
+        with pytest.raises(ValueError, match="group_ids must have shape"):
+            fn(SCORES, IDS[:4])
+        with pytest.raises(ValueError, match="group_ids must be an integer"):
+            fn(SCORES, IDS.float())
         with pytest.raises(ValueError, match="scores"):
-            fn(SCORES.view(2, 3), 3)
-    with pytest.raises(ValueError, match="group_size"):
-        baseline_leave_one_out(SCORES, 1)
+            fn(SCORES.view(2, 3), IDS.view(2, 3))
+    with pytest.raises(ValueError, match=r"leave_one_out needs >= 2 samples in every group.*groups \[1\]"):
+        baseline_leave_one_out(SCORES[:4], IDS[:4])  # group 1 has one sample
     with pytest.raises(ValueError, match="eps"):
-        baseline_group_norm(SCORES, 3, eps=-1.0)
+        baseline_group_norm(SCORES, IDS, eps=-1.0)
 
 
 # ------------------------------------------------------------------------------------ whitening

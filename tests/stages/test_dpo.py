@@ -126,3 +126,21 @@ def test_online_dpo_raises_a_simple_reward(make_policy, task, tmp_path):
     assert sum(rewards[-4:]) / 4 > sum(rewards[:4]) / 4
     with pytest.raises(ValueError, match="precomputed"):
         OnlineDPO(policy, ["x"], CallableSource(chars), DPOConfig(reference="precomputed"))
+
+
+@pytest.mark.parametrize("knob, value, variant", [
+    *[("label_smoothing", 0.1, v) for v in sorted(DPO_LOSSES) if v not in ("robust", "robust_unbiased")],
+    *[("gamma", 1.0, v) for v in sorted(DPO_LOSSES) if v != "simpo"],
+    ("reference", "precomputed", "simpo"),
+])
+def test_a_variant_knob_is_refused_where_the_variant_ignores_it(knob, value, variant):
+    with pytest.raises(ValueError, match=rf"^{knob} has no effect with variant='{variant}'.*leave it at its default"):
+        DPOConfig(variant=variant, **{knob: value})
+    DPOConfig(variant=variant)  # the knob at its default is fine
+
+
+def test_variant_knobs_are_accepted_where_they_act():
+    DPOConfig(variant="robust", label_smoothing=0.1)
+    DPOConfig(variant="robust_unbiased", label_smoothing=0.1)
+    DPOConfig(variant="simpo", gamma=1.0)
+    DPOConfig(variant="sigmoid", reference="precomputed")
