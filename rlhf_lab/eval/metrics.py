@@ -7,8 +7,11 @@ set and returns the `val/` metrics of DESIGN.md that apply, plus sample rows for
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable, Sequence
+import sys
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +19,7 @@ from torchmetrics.functional.text import rouge_score as _tm_rouge_score
 
 from rlhf_lab.checks import check_ndim, check_same_shape
 from rlhf_lab.data.datasets import SFTDataset, pad_collate
-from rlhf_lab.losses.kl import kl_k1
+from rlhf_lab.losses.kl import kl_penalty
 from rlhf_lab.losses.masked import masked_sum
 from rlhf_lab.policy import Policy
 
@@ -32,6 +35,8 @@ __all__ = [
     "mean_reward",
     "EvalResult",
     "evaluate_policy",
+    "greedy_completions",
+    "gold_accuracy",
 ]
 
 RewardFn = Callable[[list[str], list[str]], "torch.Tensor | Sequence[float]"]
@@ -151,20 +156,29 @@ def mean_response_length(response_mask: torch.Tensor) -> float:
     return float(response_mask.detach().to(torch.float64).sum(dim=1).mean())
 
 
-def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
-    """KL(pi || pi_ref) per sequence: the k1 estimate summed over the sampled tokens, averaged.
+def sequence_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
+                estimator: str = "k3") -> float:
+    """KL(pi || pi_ref) per sequence: a per-token estimate summed over the sampled tokens, averaged.
 
-    Formula: KL = (1/B) sum_b sum_t m_{b,t} (log pi(x_{b,t}) - log pi_ref(x_{b,t})), on tokens
-        sampled from pi; the definition of `train/kl` and `val/kl` in every stage (so they compare).
-    Reference: Schulman 2020, "Approximating KL Divergence" (k1); Ziegler et al. 2019.
+    Formula: KL = (1/B) sum_b sum_t m_{b,t} k(x_{b,t}), on tokens x sampled from pi, with k the
+        per-token estimator named by `estimator` (`rlhf_lab.losses.kl.KL_ESTIMATORS`). The default
+        k3 = exp(r) - r - 1 with r = log pi_ref(x) - log pi(x) is >= 0 for every token (e^r >= 1 + r)
+        and, since E_pi[e^r] = 1, has the same expectation as k1 = -r: at each position t, given
+        the tokens before it, both are unbiased for KL(pi(.|x_<t) || pi_ref(.|x_<t)), and the sum of
+        those over t is the sequence-level KL (chain rule). So a per-sequence sum is >= 0 by
+        construction and unbiased, where k1 (the `train/kl` of the online stages) is unbiased too
+        but can come out negative on a finite batch, and is meaningless on greedy (not sampled)
+        tokens. `val/kl` is this function with k3 on temperature-1 samples.
+    Reference: Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+    (k1, k3); Ziegler et al. 2019 (the per-sequence KL to the reference).
 
-    Shape: logprobs, ref_logprobs, mask (B, T) (mask: the response tokens).
+    Shape: logprobs, ref_logprobs, mask (B, T) (mask: the response tokens). Returns a float.
     """
     check_ndim("logprobs", logprobs, 2, "(B, T)")
     check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, mask=mask)
     if logprobs.shape[0] == 0:
         raise ValueError("sequence_kl needs at least one sequence")
-    per_token = kl_k1(logprobs.detach().double(), ref_logprobs.detach().double())
+    per_token = kl_penalty(logprobs.detach().double(), ref_logprobs.detach().double(), estimator)
     return float(masked_sum(per_token, mask, dim=1).mean())
 
 
@@ -243,27 +257,73 @@ def _scores(fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.T
     return scores
 
 
-@torch.no_grad()
-def _reference_nll(policy: Policy, prompts: list[str], references: list[str],
-                   batch_size: int, max_length: int) -> tuple[float, float]:
-    """Summed NLL (nats) and token count of `reference + EOS` given each prompt, teacher-forced."""
-    data = SFTDataset([{"prompt": p, "completion": r} for p, r in zip(prompts, references, strict=True)],
-                      policy.tokenizer, max_length)
-    pad = policy.tokenizer.pad_token_id
-    was_training = policy.model.training  # only the model: a frozen reference copy stays in eval
+@contextlib.contextmanager
+def _model_in_eval(policy: Policy) -> Iterator[None]:
+    """Run the block with the policy's model in eval mode (no dropout), then restore its flag.
+
+    Only the model: a frozen reference copy stays in eval whatever the policy's mode.
+    """
+    was_training = policy.model.training
     policy.model.eval()
-    nll_sum, n_tokens = 0.0, 0.0
     try:
-        for start in range(0, len(data), batch_size):
-            batch = pad_collate([data[i] for i in range(start, min(start + batch_size, len(data)))], pad)
-            ids, attn = batch["input_ids"].to(policy.device), batch["attention_mask"].to(policy.device)
-            logp = policy.logprobs(ids, attn).double()
-            mask = batch["loss_mask"].to(logp.device)
-            nll_sum += float(masked_sum(-logp, mask))
-            n_tokens += float(mask.sum())
+        yield
     finally:
         policy.model.train(was_training)
-    return nll_sum, n_tokens
+
+
+def _position_limit(policy: Policy, max_length: int | None) -> int | None:
+    """The longest row the model can score: `max_length` capped by its position table (None: no cap)."""
+    limits = [n for n in (max_length, getattr(policy.model.config, "max_position_embeddings", None)) if n]
+    return min(limits) if limits else None
+
+
+@torch.no_grad()
+def _reference_nll(policy: Policy, prompts: list[str], references: list[str],
+                   batch_size: int, max_length: int | None) -> tuple[float, float, int]:
+    """Summed NLL (nats), token count and number of cut rows of `reference + EOS` given each prompt.
+
+    Rows are scored whole, teacher-forced. Only a row longer than the model can take (see
+    `_position_limit`) is cut, to its last `limit` tokens: the start of the prompt goes first,
+    and a reference that alone exceeds the limit also loses its first tokens. Those are counted.
+    """
+    # sys.maxsize: SFTDataset cuts (and warns about) nothing; the rows are cut here, counted.
+    data = SFTDataset([{"prompt": p, "completion": r} for p, r in zip(prompts, references, strict=True)],
+                      policy.tokenizer, sys.maxsize)
+    limit = _position_limit(policy, max_length)
+    items, n_cut = [], 0
+    for i in range(len(data)):
+        item = data[i]
+        if limit is not None and item["input_ids"].shape[0] > limit:
+            item = {key: value[-limit:] for key, value in item.items()}
+            n_cut += 1
+        items.append(item)
+    pad = policy.tokenizer.pad_token_id
+    nll_sum, n_tokens = 0.0, 0.0
+    with _model_in_eval(policy):
+        for start in range(0, len(items), batch_size):
+            batch = pad_collate(items[start:start + batch_size], pad)
+            ids, attn = batch["input_ids"].to(policy.device), batch["attention_mask"].to(policy.device)
+            logp = policy.logprobs(ids, attn).double()  # (B, T)
+            mask = batch["loss_mask"].to(logp.device).clone()
+            mask[:, 0] = 0  # column 0 has no context (a cut row may start inside the reference)
+            nll_sum += float(masked_sum(-logp, mask))
+            n_tokens += float(mask.sum())
+    return nll_sum, n_tokens, n_cut
+
+
+@torch.no_grad()
+def _per_sequence_kl(policy: Policy, rollout) -> torch.Tensor:
+    """k3 KL(pi || pi_ref) summed over each row's response tokens (see `sequence_kl`). Shape: (B,).
+
+    The policy's log-probs are recomputed teacher-forced (not the ones recorded while sampling
+    with the KV cache) so that both sides go through the same full forward pass: a reference
+    equal to the policy then gives exactly 0, not the rounding gap between the two paths.
+    """
+    with _model_in_eval(policy):
+        logp = policy.logprobs(rollout.input_ids, rollout.attention_mask).double()
+    ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask).double()
+    per_token = kl_penalty(logp, ref, "k3")
+    return masked_sum(per_token, rollout.response_mask.to(per_token.device), dim=1).cpu()
 
 
 @torch.no_grad()
@@ -282,7 +342,7 @@ def evaluate_policy(
     generator: torch.Generator | None = None,
     batch_size: int = 64,
     max_rows: int | None = 16,
-    max_length: int = 128,
+    max_length: int | None = None,
     win_judge: RewardFn | None = None,
 ) -> EvalResult:
     """Generate on a fixed prompt set and compute the `val/` metrics that apply.
@@ -291,16 +351,24 @@ def evaluate_policy(
       - `val/response_length` (`mean_response_length`), `val/distinct_1`, `val/distinct_2`
         (`distinct_n` over all completions): always.
       - `val/reward`: `mean_reward` of `reward_fn` scores; `val/gold_reward`: the same for `gold_fn`.
-      - `val/kl`: `sequence_kl` against the policy's own reference (`policy.has_reference`), on the
-        generated tokens, at the sampling temperature (1 when greedy) — as `train/kl`.
+      - `val/kl`: `sequence_kl` (k3, >= 0 by construction) against the policy's own reference
+        (`policy.has_reference`), always on responses *sampled from the policy at temperature 1*
+        (no top-p): the evaluation's own responses when it samples them that way, else (greedy
+        decoding, another temperature or top-p) one extra sampled batch of `samples_per_prompt`
+        responses per prompt, drawn with `generator` (the global RNG when None).
       - `val/win_rate`: `win_rate` of the policy's completion against `reference`'s completion of
         the same prompt (same decoding settings; greedy by default), both judged by `win_judge`
         (default `reward_fn`; e.g. `gold_fn` when there is no reward model).
         `reference` is an explicit Policy (e.g. the SFT checkpoint) because `Policy.generate`
         always samples from the policy itself; its own reference is only reachable for log-probs.
-      - `val/rouge1`, `val/rouge2`, `val/rougeL` (`rouge`, completion vs the prompt's reference
-        text) and `val/perplexity` (`perplexity` of `reference + EOS` given the prompt, teacher-
-        forced, token-level over the set): when `references` (one per prompt) are given.
+      - when `references` (one target text per prompt) are given: `val/rouge1`, `val/rouge2`,
+        `val/rougeL` (`rouge`, completion vs the prompt's reference), `val/reference_perplexity`
+        (`perplexity` of `reference + EOS` given the prompt, teacher-forced, token-level over the
+        whole set, every reference token counted; not `val/perplexity`, which is the LM stages'
+        perplexity of their validation set) and `val/references_truncated`: how many
+        `prompt + reference` rows were longer than `max_length` tokens (None: the model's position
+        limit; no limit if it has none) and kept only their last tokens (a `UserWarning` says so,
+        once per message as Python's warnings do).
     `EvalResult.samples` holds the first `max_rows` rows (None: all) as dicts with `prompt`,
     `completion` and, where available, `reward`, `gold_reward`, `reference` (the target text),
     `reference_completion`, and the reference completion's score under the win-rate judge
@@ -320,7 +388,8 @@ def evaluate_policy(
                          "pass one of them with reference")
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, greedy=greedy,
                     samples_per_prompt=samples_per_prompt, generator=generator)
-    kl_temperature = 1.0 if greedy else temperature
+    # val/kl is an expectation under pi itself: reuse the responses only if they were drawn from it.
+    kl_on_own_samples = not greedy and temperature == 1.0 and top_p == 1.0
     rows_prompts: list[str] = []
     completions: list[str] = []
     ref_completions: list[str] = []
@@ -331,12 +400,11 @@ def evaluate_policy(
         rollout = policy.generate(batch, **sampling)
         rows_prompts.extend(rollout.prompts)
         completions.extend(rollout.completions)
-        mask = rollout.response_mask
-        lengths.append(mask.sum(dim=1).double().cpu())
+        lengths.append(rollout.response_mask.sum(dim=1).double().cpu())
         if policy.has_reference:
-            ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask, kl_temperature)
-            per_token = kl_k1(rollout.logprobs.double(), ref.double())
-            kls.append(masked_sum(per_token, mask, dim=1).cpu())
+            kl_rollout = rollout if kl_on_own_samples else policy.generate(
+                batch, max_new_tokens=max_new_tokens, samples_per_prompt=samples_per_prompt, generator=generator)
+            kls.append(_per_sequence_kl(policy, kl_rollout))
         if reference is not None:
             ref_completions.extend(reference.generate(batch, **sampling).completions)
 
@@ -372,9 +440,39 @@ def evaluate_policy(
         targets = [r for r in references for _ in range(samples_per_prompt)]
         for key, value in rouge(completions, targets).items():
             metrics[f"val/{key}"] = value
-        metrics["val/perplexity"] = perplexity(*_reference_nll(policy, prompts, references, batch_size, max_length))
+        nll_sum, n_tokens, n_cut = _reference_nll(policy, prompts, references, batch_size, max_length)
+        metrics["val/reference_perplexity"] = perplexity(nll_sum, n_tokens)
+        metrics["val/references_truncated"] = float(n_cut)
+        if n_cut:
+            # stacklevel 3: the caller of evaluate_policy, past torch.no_grad's wrapper.
+            warnings.warn(f"evaluate_policy: {n_cut} of {len(references)} prompt + reference rows exceed "
+                          f"{_position_limit(policy, max_length)} tokens and keep only their last ones for "
+                          f"val/reference_perplexity (counted in val/references_truncated)", stacklevel=3)
         columns["reference"] = targets
 
     n_rows = len(completions) if max_rows is None else min(max_rows, len(completions))
     samples = [{name: values[i] for name, values in columns.items()} for i in range(n_rows)]
     return EvalResult(metrics=metrics, samples=samples)
+
+
+# ---------------------------------------------------------------------------------- greedy gold
+@torch.no_grad()
+def greedy_completions(policy: Policy, prompts: list[str], max_new_tokens: int = 8,
+                       batch_size: int = 256) -> list[str]:
+    """Greedy (temperature-0) completions of `prompts`, in order."""
+    out: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        rollout = policy.generate(prompts[start:start + batch_size], max_new_tokens=max_new_tokens, greedy=True)
+        out.extend(rollout.completions)
+    return out
+
+
+def gold_accuracy(policy: Policy, prompts: list[str], judge: RewardFn, max_new_tokens: int = 8,
+                  batch_size: int = 256) -> float:
+    """Mean gold score of greedy completions (for a 0/1 judge: the fraction answered correctly).
+
+    Formula: (1/N) sum_i judge(p_i, greedy(p_i)); `val/greedy_gold_reward` of `EvalCallback`.
+    Reference: none (the demo's and the comparison's headline number).
+    """
+    completions = greedy_completions(policy, prompts, max_new_tokens, batch_size)
+    return mean_reward(_scores(judge, list(prompts), completions))

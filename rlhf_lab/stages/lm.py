@@ -7,6 +7,7 @@ masked out of the loss.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass
 from functools import partial
 
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PackedTextDataset, SFTDataset, pad_collate
 from rlhf_lab.losses import lm_loss
+from rlhf_lab.losses.masked import masked_sum
 from rlhf_lab.policy import Policy
 from rlhf_lab.stages.common import Budget, adamw, check_fits_positions
 
@@ -68,12 +70,16 @@ class LanguageModeling(L.LightningModule):
         self.budget = Budget()
         self.save_hyperparameters({"stage": type(self).__name__.lower(), **asdict(config)})
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def _targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(logprobs, mask)` of the target tokens, both (B, T)."""
         logprobs = self.policy.logprobs(batch["input_ids"], batch["attention_mask"])  # (B, T)
         # loss_mask marks target tokens; column 0 has no context, so it never counts.
         mask = batch["loss_mask"].clone()
         mask[:, 0] = 0
-        return lm_loss(logprobs, mask)
+        return logprobs, mask
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        return lm_loss(*self._targets(batch))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self._loss(batch)
@@ -84,14 +90,27 @@ class LanguageModeling(L.LightningModule):
         self.log_dict(self.budget.metrics())
         return loss
 
+    # Validation: `val/loss` is the token-level mean NLL over every target token of the whole
+    # validation set and `val/perplexity` = exp(val/loss). Summing NLLs and counts across batches
+    # (and ranks) and dividing once keeps a short last batch from weighing as much as a full
+    # one, which a mean of per-batch means would do.
+    def on_validation_epoch_start(self) -> None:
+        self._val_nll = torch.zeros((), dtype=torch.float64, device=self.device)
+        self._val_tokens = torch.zeros((), dtype=torch.float64, device=self.device)
+
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss, _ = self._loss(batch)
-        self.log("val/loss", loss, prog_bar=True)
+        logprobs, mask = self._targets(batch)
+        self._val_nll += masked_sum(-logprobs.double(), mask)
+        self._val_tokens += mask.double().sum()
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.trainer.callback_metrics.get("val/loss")
-        if loss is not None:
-            self.log("val/perplexity", torch.exp(loss))
+        nll = self.trainer.strategy.reduce(self._val_nll, reduce_op="sum")
+        tokens = self.trainer.strategy.reduce(self._val_tokens, reduce_op="sum")
+        if float(tokens) == 0:
+            return  # no validation batch ran
+        loss = (nll / tokens).float()
+        self.log("val/loss", loss, prog_bar=True)  # already summed over ranks: no sync_dist
+        self.log("val/perplexity", torch.exp(loss))
 
     def configure_optimizers(self):
         c = self.config
@@ -134,5 +153,8 @@ class SFT(LanguageModeling):
         check_fits_positions(policy, "max_length", config.max_length)
         tok = policy.tokenizer
         train = SFTDataset(train_rows, tok, config.max_length)
-        val = SFTDataset(val_rows, tok, config.max_length) if val_rows else None
+        # Validation rows are scored whole (val/perplexity counts every completion token), cut
+        # only where the model's position table ends; SFTDataset counts and warns about those.
+        val_length = getattr(policy.model.config, "max_position_embeddings", None) or sys.maxsize
+        val = SFTDataset(val_rows, tok, val_length) if val_rows else None
         super().__init__(policy, train, val, config)

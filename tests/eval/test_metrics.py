@@ -9,6 +9,8 @@ from rlhf_lab.eval.metrics import (
     EvalResult,
     distinct_n,
     evaluate_policy,
+    gold_accuracy,
+    greedy_completions,
     mean_response_length,
     mean_reward,
     perplexity,
@@ -19,6 +21,8 @@ from rlhf_lab.eval.metrics import (
     win_rate,
 )
 from rlhf_lab.losses import lm_loss
+from rlhf_lab.models.backbones import build_tiny_model
+from rlhf_lab.policy import Policy
 from rlhf_lab.rewards import CallableSource
 
 # ------------------------------------------------------------------------------ perplexity
@@ -133,15 +137,25 @@ def test_sequence_kl_by_hand():
     logprobs = torch.tensor([[0.0, -1.0, -2.0, 0.0], [0.0, -0.5, 0.0, 0.0]])
     ref = torch.tensor([[0.0, -1.5, -1.0, -9.0], [0.0, -0.25, -math.inf, 0.0]])
     mask = torch.tensor([[0, 1, 1, 0], [0, 1, 0, 0]])
-    # row 0: (-1 - -1.5) + (-2 - -1) = 0.5 - 1 = -0.5 (k1 may be negative per sequence)
-    # row 1: -0.5 - -0.25 = -0.25; the -inf sits on padding and is ignored
-    # mean over sequences: (-0.5 - 0.25) / 2 = -0.375
-    assert sequence_kl(logprobs, ref, mask) == pytest.approx(-0.375)
-    # Same as the online stage's train/kl expression.
+    # k3 per token, r = ref - logp, k3 = e^r - r - 1:
+    # row 0: r = -0.5 -> e^-0.5 + 0.5 - 1 = 0.1065307; r = 1 -> e - 2 = 0.7182818; sum 0.8248125
+    # row 1: r = 0.25 -> e^0.25 - 1.25 = 0.0340254; the -inf sits on padding and is ignored
+    # mean over sequences: (0.8248125 + 0.0340254) / 2 = 0.4294190
+    k3_row0 = (math.exp(-0.5) + 0.5 - 1) + (math.exp(1.0) - 1 - 1)
+    k3_row1 = math.exp(0.25) - 0.25 - 1
+    assert sequence_kl(logprobs, ref, mask) == pytest.approx((k3_row0 + k3_row1) / 2, rel=1e-12)
+    assert sequence_kl(logprobs, ref, mask) == pytest.approx(0.4294190, abs=1e-7)
+    # k1 on the same tokens: row 0: 0.5 - 1 = -0.5, row 1: -0.25 -> mean -0.375 (negative; k3 is not).
+    assert sequence_kl(logprobs, ref, mask, estimator="k1") == pytest.approx(-0.375)
+    # k1 is the online stage's train/kl expression.
     stage = (logprobs - ref).nan_to_num(posinf=0.0, neginf=0.0).mul(mask).sum(1).mean()
-    assert sequence_kl(logprobs, ref, mask) == pytest.approx(stage.item())
+    assert sequence_kl(logprobs, ref, mask, estimator="k1") == pytest.approx(stage.item())
+    # A reference equal to the policy: exactly 0.
+    assert sequence_kl(logprobs, logprobs.clone(), mask) == 0.0
     with pytest.raises(ValueError):
         sequence_kl(logprobs, ref[:, :3], mask)
+    with pytest.raises(ValueError, match="estimator"):
+        sequence_kl(logprobs, ref, mask, estimator="k4")
 
 
 # ------------------------------------------------------------------------------ score metrics
@@ -202,9 +216,8 @@ def test_evaluate_policy_keys_and_exact_values(make_policy, task):
     assert m["val/reward"] == pytest.approx(sum(len(c) for c in completions) / len(completions))
     assert [row["reward"] for row in result.samples] == [float(len(c)) for c in completions]
     assert m["val/gold_reward"] == pytest.approx(sum(len(p) for p in prompts) / len(prompts))
-    # The reference is an untouched copy: KL 0 up to incremental-vs-full forward rounding.
-    assert m["val/kl"] == pytest.approx(0.0, abs=1e-4)
-    assert 1.0 <= m["val/response_length"] <= 5.0
+    # The reference is an untouched copy: both sides go through the same forward pass, so KL is 0.
+    assert m["val/kl"] == 0.0
     assert m["val/distinct_1"] == pytest.approx(distinct_n(completions, 1))
     assert m["val/distinct_2"] == pytest.approx(distinct_n(completions, 2))
     # Greedy decoding matches policy.generate(greedy=True) in one batch.
@@ -216,18 +229,58 @@ def test_evaluate_policy_keys_and_exact_values(make_policy, task):
     assert len(data) == len(prompts)
 
 
-def test_evaluate_policy_kl_after_the_policy_moves(make_policy, task):
-    prompts = task.eval_prompts()[:4]
+def _flattened(make_policy):
+    """A policy at temperature 2 of its own reference: ln_f halved halves GPT-2's (bias-free) logits.
+
+    Same argmax, flatter distribution: every greedy token has a lower log-prob under the policy
+    than under the reference, so k1 on greedy tokens is negative although KL > 0.
+    """
     policy = make_policy(seed=0, reference="copy")
     with torch.no_grad():
-        for p in policy.model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
-    m = evaluate_policy(policy, prompts, max_new_tokens=4).metrics
-    rollout = policy.generate(prompts, max_new_tokens=4, greedy=True)
+        policy.model.transformer.ln_f.weight.mul_(0.5)
+        policy.model.transformer.ln_f.bias.mul_(0.5)
+    return policy
+
+
+def _k(policy, rollout, estimator="k3"):
+    logp = policy.logprobs(rollout.input_ids, rollout.attention_mask)
     ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask)
-    assert m["val/kl"] == pytest.approx(sequence_kl(rollout.logprobs, ref, rollout.response_mask), abs=1e-5)
-    assert abs(m["val/kl"]) > 1e-3
+    return sequence_kl(logp, ref, rollout.response_mask, estimator=estimator)
+
+
+def test_val_kl_is_k3_on_temperature_one_samples_when_evaluation_is_greedy(make_policy, task):
+    prompts = task.eval_prompts()[:6]
+    policy = _flattened(make_policy)
+    policy.eval()
+    greedy = policy.generate(prompts, max_new_tokens=4, greedy=True)
+    greedy_k1 = _k(policy, greedy, "k1")
+    assert greedy_k1 < -1e-3  # what the old val/kl reported for this policy
+    m = evaluate_policy(policy, prompts, max_new_tokens=4, generator=torch.Generator().manual_seed(0)).metrics
+    # Greedy decoding draws nothing, so the KL batch is the generator's first draw, at temperature 1.
+    sampled = policy.generate(prompts, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    assert m["val/kl"] == pytest.approx(_k(policy, sampled), rel=1e-9)
+    assert m["val/kl"] > 1e-3
     assert "val/reward" not in m and "val/win_rate" not in m
+
+
+def test_val_kl_reuses_samples_only_when_they_come_from_the_policy_itself(make_policy, task):
+    prompts = task.eval_prompts()[:4]
+    policy = _flattened(make_policy)
+    policy.eval()
+    kw = dict(max_new_tokens=4, greedy=False, samples_per_prompt=2)
+    # Temperature 1, no top-p: the evaluation's own samples.
+    m = evaluate_policy(policy, prompts, generator=torch.Generator().manual_seed(3), **kw).metrics
+    own = policy.generate(prompts, generator=torch.Generator().manual_seed(3), **kw)
+    assert m["val/kl"] == pytest.approx(_k(policy, own), rel=1e-9)
+    # Temperature 1.5: the completions are drawn at 1.5, then one more batch at 1 for the KL.
+    hot = evaluate_policy(policy, prompts, temperature=1.5, generator=torch.Generator().manual_seed(3),
+                          max_rows=None, **kw)
+    gen = torch.Generator().manual_seed(3)
+    first = policy.generate(prompts, temperature=1.5, generator=gen, **kw)
+    second = policy.generate(prompts, generator=gen, **kw)
+    assert [r["completion"] for r in hot.samples] == first.completions
+    assert hot.metrics["val/kl"] == pytest.approx(_k(policy, second), rel=1e-9)
+    assert hot.metrics["val/kl"] != pytest.approx(_k(policy, first), rel=1e-6)
 
 
 def test_evaluate_policy_win_rate(make_policy, task):
@@ -250,7 +303,6 @@ def test_evaluate_policy_win_rate(make_policy, task):
     expected = sum((r["reward"] > r["reference_reward"]) + 0.5 * (r["reward"] == r["reference_reward"])
                    for r in rows) / len(rows)
     assert other.metrics["val/win_rate"] == pytest.approx(expected)
-    assert 0.0 <= other.metrics["val/win_rate"] <= 1.0
     with pytest.raises(ValueError, match="reward_fn"):
         evaluate_policy(policy, prompts, reference=make_policy(seed=1))
     # Without a reward model the gold judge can decide the pairs: the same rows, scored by it.
@@ -279,14 +331,13 @@ def test_evaluate_policy_rouge_and_perplexity(make_policy, task):
                              max_rows=2, **sampled)
     assert [r["completion"] for r in result.samples] == own[:2]
     m = result.metrics
-    for key in ("val/rouge1", "val/rouge2", "val/rougeL", "val/perplexity"):
-        assert key in m
+    assert "val/perplexity" not in m  # that name is the LM stages' validation-set perplexity
+    assert m["val/references_truncated"] == 0.0
     scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"])
     scores = [scorer.score(ref, pred) for pred, ref in zip(own, references, strict=True)]
     for key in ("rouge1", "rouge2", "rougeL"):
         expected = sum(s[key].fmeasure for s in scores) / len(scores)
         assert m[f"val/{key}"] == pytest.approx(expected, abs=1e-6)
-        assert 0.0 <= m[f"val/{key}"] <= 1.0
     assert m["val/rouge1"] > 0.0  # rows 2 and 3 are scored against themselves
     # Perplexity of `reference + EOS` given the prompt, token-level: exp of lm_loss on one batch.
     data = SFTDataset([{"prompt": p, "completion": r} for p, r in zip(prompts, references, strict=True)],
@@ -295,8 +346,7 @@ def test_evaluate_policy_rouge_and_perplexity(make_policy, task):
     with torch.no_grad():
         logp = policy.logprobs(batch["input_ids"], batch["attention_mask"])
     _, lm = lm_loss(logp, batch["loss_mask"])
-    assert m["val/perplexity"] == pytest.approx(lm["perplexity"].item(), rel=1e-5)
-    assert m["val/perplexity"] > 1.0
+    assert m["val/reference_perplexity"] == pytest.approx(lm["perplexity"].item(), rel=1e-5)
     assert len(result.samples) == 2
     assert [r["reference"] for r in result.samples] == references[:2]
     with pytest.raises(ValueError):
@@ -318,3 +368,74 @@ def test_evaluate_policy_sampling_several_per_prompt(make_policy, task):
     assert again.metrics == result.metrics  # seeded sampling is reproducible
     with pytest.raises(ValueError):
         evaluate_policy(policy, [])
+
+
+def _reference_ppl_by_hand(policy, prompts, references, keep=None):
+    """exp of the token-mean NLL of `reference + EOS`, each row cut to its last `keep` tokens."""
+    tok = policy.tokenizer
+    nll, count = 0.0, 0
+    for p, r in zip(prompts, references, strict=True):
+        prompt = tok(p, add_special_tokens=False)["input_ids"]
+        target = tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids, is_target = prompt + target, [0] * len(prompt) + [1] * len(target)
+        if keep is not None:
+            ids, is_target = ids[-keep:], is_target[-keep:]
+        with torch.no_grad():
+            logp = policy.logprobs(torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long))[0]
+        for t in range(1, len(ids)):  # position 0 has no context
+            if is_target[t]:
+                nll -= float(logp[t])
+                count += 1
+    return math.exp(nll / count), count
+
+
+def test_reference_perplexity_counts_every_reference_token(make_policy, task):
+    # References far longer than max_new_tokens are scored whole: the generation length plays no part.
+    prompts = task.eval_prompts()[:3]
+    references = ["1 2 3 4 5 6 7 8 9", "the answer is 3 and not 4", "12"]
+    policy = make_policy(seed=0)
+    expected, count = _reference_ppl_by_hand(policy, prompts, references)
+    assert count > 3 * 2  # more tokens than max_new_tokens allows per row
+    m = evaluate_policy(policy, prompts, references=references, max_new_tokens=2, batch_size=2).metrics
+    assert m["val/reference_perplexity"] == pytest.approx(expected, rel=1e-6)
+    assert m["val/references_truncated"] == 0.0
+
+
+def test_reference_rows_longer_than_the_limit_are_cut_counted_and_warned(make_policy, task):
+    prompts = task.eval_prompts()[:3]
+    references = ["1 2 3 4 5 6 7 8 9", "the answer is 3 and not 4", "2"]
+    policy = make_policy(seed=0)
+    tok = policy.tokenizer
+    lengths = [len(tok(p, add_special_tokens=False)["input_ids"]) + len(tok(r, add_special_tokens=False)["input_ids"])
+               + 1 for p, r in zip(prompts, references, strict=True)]  # prompt + reference + EOS
+    keep = 20
+    # Rows of 28 and 33 tokens are cut (the second one's reference, 23 tokens, loses its start too);
+    # the row of 12 is whole.
+    assert lengths == [28, 33, 12]
+    n_long = 2
+    expected, _ = _reference_ppl_by_hand(policy, prompts, references, keep=keep)
+    with pytest.warns(UserWarning, match=f"{n_long} of 3 prompt \\+ reference rows exceed {keep} tokens"):
+        m = evaluate_policy(policy, prompts, references=references, max_new_tokens=2, max_length=keep).metrics
+    assert m["val/references_truncated"] == float(n_long)
+    assert m["val/reference_perplexity"] == pytest.approx(expected, rel=1e-6)
+    # Without max_length the limit is the model's position table: the same cut for a 20-position model.
+    torch.manual_seed(0)
+    short = Policy(build_tiny_model("gpt2-tiny", tok, n_layer=1, n_embd=32, n_head=2, n_positions=keep), tok)
+    expected, _ = _reference_ppl_by_hand(short, prompts, references, keep=keep)
+    with pytest.warns(UserWarning, match=f"{n_long} of 3 prompt \\+ reference rows exceed {keep} tokens"):
+        m = evaluate_policy(short, prompts, references=references, max_new_tokens=2).metrics
+    assert m["val/references_truncated"] == float(n_long)
+    assert m["val/reference_perplexity"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_gold_accuracy_is_the_mean_gold_score_of_greedy_completions(make_policy, task):
+    prompts = task.eval_prompts()[:5]
+    policy = make_policy(seed=0)
+    completions = greedy_completions(policy, prompts, max_new_tokens=3, batch_size=2)
+    assert completions == policy.generate(prompts, max_new_tokens=3, greedy=True).completions
+
+    def judge(ps, cs):  # a tensor-valued judge: prompt length + completion length
+        return torch.tensor([len(p) + len(c) for p, c in zip(ps, cs, strict=True)], dtype=torch.float32)
+
+    expected = sum(len(p) + len(c) for p, c in zip(prompts, completions, strict=True)) / len(prompts)
+    assert gold_accuracy(policy, prompts, judge, max_new_tokens=3) == pytest.approx(expected)
