@@ -5,11 +5,13 @@
 Prints the implicit-reward accuracy and margin on the held-out pairs before and after training.
 """
 
+import os
 import sys
 
 from rlhf_lab.experiment import fit_from_files
 
-summary = fit_from_files("experiments/configs/dpo_hh.yaml", sys.argv[1:])
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "dpo_hh.yaml")
+summary = fit_from_files(CONFIG, sys.argv[1:])
 m = summary["metrics"]
 print(f"held-out pairs: implicit-reward accuracy {m['val/reward_accuracy']:.1%}, "
       f"margin {m['val/reward_margin']:.3f}, DPO loss {m['val/loss']:.3f} (log 2 = 0.693 at the start)")

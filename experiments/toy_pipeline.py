@@ -2,25 +2,28 @@
 
     python experiments/toy_pipeline.py [--out runs/toy] [--key.sub value ...]
 
-Overrides after --out apply to every stage (e.g. --trainer.max_steps 5 for a smoke run).
+Runs from any directory. An override `--key value` applies to every stage (e.g. --trainer.max_steps 5
+for a smoke run); `--STAGE.key value` (STAGE: pretrain, sft, reward_model, ppo) to one of them.
 """
 
 import json
+import os
 import sys
 
 from rlhf_lab.demo import build_preference_pairs
-from rlhf_lab.experiment import fit_from_files
+from rlhf_lab.experiment import fit_from_files, split_overrides
 from rlhf_lab.policy import Policy
 from rlhf_lab.tasks import get_task
 
-args = sys.argv[1:]
-out = args[args.index("--out") + 1] if "--out" in args else "runs/toy"
-extra = [a for i, a in enumerate(args) if a != "--out" and (i == 0 or args[i - 1] != "--out")]
-task, configs = get_task("arithmetic"), "experiments/configs/toy"
+STAGES = ("pretrain", "sft", "reward_model", "ppo")
+args = split_overrides(sys.argv[1:], STAGES)
+out = next((a.split("=", 1)[1] for a in args["pretrain"] if a.startswith("--out=")), "runs/toy")
+task = get_task("arithmetic")
+configs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "toy")
 
 
 def stage(name: str, *more: str) -> dict:
-    return fit_from_files(f"{configs}/{name}.yaml", ["--out", out, *more, *extra])
+    return fit_from_files(os.path.join(configs, f"{name}.yaml"), [f"--out={out}", *more, *args[name]])
 
 
 stage("pretrain")

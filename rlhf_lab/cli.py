@@ -11,15 +11,13 @@ from rlhf_lab import __version__
 def _names():
     """The registries the options offer, read when the parser is built (so a task, backbone or
     preset registered before `main()` is accepted too)."""
+    from rlhf_lab.algorithms import algorithm_names, fit_names
     from rlhf_lab.data import FORMATS
-    from rlhf_lab.demo import ALGORITHMS
-    from rlhf_lab.experiment import PRESET_STAGES
     from rlhf_lab.models.backbones import backbone_names
-    from rlhf_lab.stages import STAGES
     from rlhf_lab.tasks import TASKS
 
-    return dict(algorithms=tuple(ALGORITHMS), tasks=tuple(TASKS), backbones=tuple(backbone_names()),
-                stages=(*STAGES, *PRESET_STAGES), formats=tuple(FORMATS))
+    return dict(algorithms=algorithm_names(), tasks=tuple(TASKS), backbones=tuple(backbone_names()),
+                stages=fit_names(), formats=tuple(FORMATS))
 
 
 def _quiet() -> None:
@@ -43,9 +41,8 @@ def _demo(args: argparse.Namespace) -> int:
         lora = LoraSettings(r=args.lora_rank, alpha=2.0 * args.lora_rank)
     config = DemoConfig(seed=args.seed, task=args.task, backbone=args.backbone, lora=lora)
     if args.quick:
-        config.pretrain_steps, config.sft_steps, config.reward_steps, config.rl_iterations = 40, 20, 20, 4
-        config.dpo_steps, config.pair_samples = 4, 4
-        config.eval_every = 2
+        config.pretrain_steps, config.sft_steps, config.reward_steps, config.final_budget = 40, 20, 20, 4
+        config.pair_samples, config.eval_every = 4, 2
     run_demo(out=args.out, config=config, logger=args.logger, algorithm=args.algorithm,
              progress=not args.no_progress)
     return 0
@@ -92,10 +89,13 @@ every key of a stage with its value):
     target_modules}, model.reference         what the stage starts from
   data.format, data.path, data.val_path, data.val_fraction, data.seed, data.limit, data.on_error,
     data.split, data.unit, data.prompt_field, data.completion_field, data.pairs
-  config.*                                   the stage's hyperparameters (see below); online_rl
-                                             also takes config.preset (ppo|reinforce|rloo|grpo|trpo)
-  reward.source (gold|gsm8k|reward_model), reward.path, reward.normalize      online stages
-  eval.every_n_steps, eval.prompts, eval.max_new_tokens, eval.at_start
+  config.*                                   the stage's hyperparameters (see below) on top of the
+                                             algorithm's preset; online_rl takes config.preset NAME
+  reward.source (gold|gsm8k|reward_model), reward.path, reward.normalize, reward.normalize_prompts
+  model.critic (head|adapter|reward_model)   online_rl with a critic
+  eval.every, eval.axis, eval.prompts, eval.max_new_tokens, eval.at_start, eval.greedy,
+    eval.samples_per_prompt, eval.greedy_gold, eval.seed
+  budget.amount, budget.unit                 online stages: stop at an equal budget
   trainer.max_steps, trainer.accelerator, trainer.devices, trainer.precision, trainer.strategy,
     trainer.val_check_interval, trainer.log_every_n_steps, trainer.enable_progress_bar
   logger.kind (csv|wandb|both|none), logger.project, logger.group, logger.tags, logger.name,
@@ -104,21 +104,26 @@ every key of a stage with its value):
 examples:
   rlhf-lab fit sft --config experiments/configs/sft_dolly_lora.yaml
   rlhf-lab fit pretrain --task arithmetic --trainer.max_steps 200 --out runs/p
-  rlhf-lab fit ppo --config experiments/configs/rl_gsm8k.yaml --config.lr 5e-5 --print_config
+  rlhf-lab fit grpo --config experiments/configs/rl_gsm8k.yaml --config.lr 5e-5 --print_config
 """
 
 
 def _stage_keys_help(stage: str | None) -> str:
     """The config.* keys of one stage (or of all) with defaults and notes, for fit --help."""
+    from rlhf_lab.algorithms import STAGE_NAMES, fit_names, stage_classes
     from rlhf_lab.config import field_help
-    from rlhf_lab.stages import STAGES
+    from rlhf_lab.runs.builder import stage_of
 
-    lines = []
-    stage = "online_rl" if stage in ("reinforce", "rloo", "grpo", "trpo") else stage
-    for name in ([stage] if stage in STAGES else STAGES):
-        lines.append(f"config.* of stage {name} ({STAGES[name][1].__name__}):")
-        for key, default, note in field_help(STAGES[name][1]):
-            lines.append(f"  config.{key:<22} {default:<10} {note}")
+    if stage not in fit_names():
+        return ("config.* keys: run `rlhf-lab fit NAME --help` to list those of one stage "
+                f"({', '.join(fit_names())})")
+    name = stage_of(stage)
+    assert name in STAGE_NAMES
+    config_class = stage_classes(name)[1]
+    lines = [f"config.* of {stage} (stage {name}, {config_class.__name__}; an algorithm's preset "
+             "overrides these defaults — see --print_config):"]
+    for key, default, note in field_help(config_class):
+        lines.append(f"  config.{key:<22} {default:<10} {note}")
     return "\n".join(lines)
 
 
@@ -147,10 +152,10 @@ def _add_fit(sub, argv: list[str], names: dict) -> None:
         if "fit" in argv else None
     fit = sub.add_parser(
         "fit", help="train one stage from a YAML config plus --key.sub overrides",
-        description="Train one stage (pretrain, sft, reward_model, dpo, online_rl, online_dpo; ppo, reinforce, "
-        "rloo, grpo and trpo are online_rl with that preset) from a "
+        description=f"Train one stage ({', '.join(names['stages'])}: the base stages, online_rl with knobs "
+        "set by hand, or a registered algorithm with its preset) from a "
         "YAML config whose keys are overridden by --key.sub value arguments (LightningCLI style). "
-        "Writes <out>/<stage>/: the policy as an HF folder (use it as the next stage's "
+        "Writes <out>/<NAME>/: the policy as an HF folder (use it as the next stage's "
         "model.backbone), metrics.csv, config.yaml (the resolved config) and summary.json.",
         epilog=FIT_EPILOG + "\n" + _stage_keys_help(stage),
         formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -254,7 +259,7 @@ def _add_eval(sub, names: dict) -> None:
         "eval", help="run the evaluation metrics on a checkpoint",
         description="Generate on an evaluation prompt set and compute the val/ metrics that apply: "
         "response length and distinct-1/2 always; val/gold_reward with a task (or GSM8K data); "
-        "val/reward with --reward-model; val/rouge1/2/L and val/perplexity when the data has "
+        "val/reward with --reward-model; val/rouge1/2/L and val/reference_perplexity when the data has "
         "reference completions; val/win_rate (judged by the reward model, else the gold judge) and "
         "val/kl with --reference; val/reward_model_accuracy for preference data with a reward model. "
         "Prints the metrics and writes metrics.json and samples.csv to --out.")

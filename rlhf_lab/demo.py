@@ -2,9 +2,13 @@
 
 A tiny GPT-2 (or any named tiny config, toy model, or local HF folder) is trained on CPU in a few
 minutes on the arithmetic task (default) or the alice task. Preference pairs for the reward
-model come from sampling the SFT policy and ranking its samples with the task's gold judge; the RL
-algorithm (PPO by default) then optimises the *learned* reward model while the gold judge measures what really happened.
-Everything a run produces lands in one folder (see `run_demo`).
+model come from sampling the SFT policy and ranking its samples with the task's gold judge; the
+last stage (any registered algorithm, PPO by default) then optimises the *learned* reward model
+while the gold judge measures what really happened.
+
+The demo is a list of run configs handed to the one builder (`rlhf_lab.runs.builder.build_run`):
+pretrain, SFT, reward model, and the algorithm with the registry's demo settings. Everything a
+run produces lands in one folder (see `run_demo`).
 """
 
 from __future__ import annotations
@@ -15,37 +19,32 @@ import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-import lightning as L
 import torch
 
+from rlhf_lab.algorithms import algorithm_names, get_algorithm
 from rlhf_lab.eval import greedy_completions
-from rlhf_lab.losses import kl_k1
-from rlhf_lab.models.backbones import backbone_names, build_tiny_model, load_backbone
 from rlhf_lab.models.lora import LoraSettings
-from rlhf_lab.models.tokenizer import load_tokenizer, train_bpe_tokenizer
 from rlhf_lab.policy import Policy
-from rlhf_lab.rewards import CallableSource, RewardModelSource
-from rlhf_lab.runs import LoggerConfig, finish_loggers, make_trainer
-from rlhf_lab.stages import (
-    DPO,
-    SFT,
-    DPOConfig,
-    OnlineDPO,
-    OnlineRL,
-    OnlineRLConfig,
-    Pretrain,
-    PretrainConfig,
-    RewardModel,
-    RewardModelConfig,
-    SFTConfig,
+from rlhf_lab.rewards import RewardModelSource
+from rlhf_lab.runs.builder import (
+    EvalConfig,
+    FitConfig,
+    ModelConfig,
+    RewardConfig,
+    TrainerConfig,
+    build_run,
 )
+from rlhf_lab.runs.loggers import LoggerConfig
+from rlhf_lab.stages.lm import PretrainConfig, SFTConfig
+from rlhf_lab.stages.reward_model import RewardModelConfig
 from rlhf_lab.tasks import get_task
 
 
 @dataclass
 class DemoConfig:
-    """Budgets of the demo's stages. The defaults are tuned to finish in minutes on 2 CPU cores."""
+    """The demo's stages. The defaults are tuned to finish in minutes on 2 CPU cores."""
 
     seed: int = 0
     task: str = "arithmetic"  # a name in rlhf_lab.tasks.TASKS
@@ -59,49 +58,32 @@ class DemoConfig:
     pair_temperature: float = 1.5  # hot sampling gives the reward model varied wrong answers
     reward_steps: int = 1500
     reward: RewardModelConfig = field(default_factory=lambda: RewardModelConfig(lr=3e-4, batch_size=32))
-    # RL iterations; None = each algorithm's default in RL_ITERATIONS (equal wall time, not equal
-    # iterations: a REINFORCE-family iteration costs about a third of a PPO one).
-    rl_iterations: int | None = None
-    dpo_steps: int = 300  # offline DPO optimiser steps on the gold-ranked pairs
-    # α = 1 NLL on the chosen answer (RPO): plain DPO pushed the chosen answers down with the
-    # rejected ones here and lowered greedy gold accuracy (see docs/algorithms.md).
-    dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
-        variant="sigmoid", beta=0.1, lr=2e-4, batch_size=32, nll_coef=1.0))
-    online_dpo: DPOConfig = field(default_factory=lambda: DPOConfig(
-        variant="sigmoid", beta=0.1, lr=2e-4, batch_size=64))
-    # Knobs every algorithm shares in the demo (an equal budget of 256 samples per iteration) ...
-    rl_shared: dict = field(default_factory=lambda: dict(
-        prompts_per_step=64, samples_per_prompt=4, missing_eos_penalty=1.0, kl_coef=0.05))
-    # ... and each one's own settings on top of its preset.
-    rl_overrides: dict = field(default_factory=lambda: {
-        "ppo": dict(lr=2e-4, critic_lr=1e-3, ppo_epochs=2, minibatches=4, vf_coef=0.1),
-        "reinforce": dict(lr=1e-4, minibatches=4),
-        "rloo": dict(lr=2e-4, minibatches=4, kl_coef=0.1),
-        "grpo": dict(lr=2e-4, minibatches=4, kl_coef=0.1),
-        # Each Fisher-vector product is a double backward over the batch (~1 s for 256 samples
-        # here), so TRPO takes a quarter of the batch and 5 CG iterations.
-        "trpo": dict(max_kl=0.01, prompts_per_step=16, cg_iters=5),
-    })
-    eval_every: int = 10  # RL iterations between greedy evaluations on the eval prompts
+    # Length of the last stage: iterations (online) or optimiser steps (dpo); None = the registry's
+    # `demo_budget` of the algorithm (equal wall time, not equal iterations).
+    final_budget: int | None = None
+    # The last stage's config; None = the registry's demo config of the algorithm.
+    final: Any = None
+    # Prompts per iteration of the online algorithms (online_dpo: its batch); None = the registry's.
+    prompts_per_step: int | None = None
+    eval_every: int = 10  # iterations (dpo: a fifth of its steps) between evaluations of the last stage
     max_new_tokens: int | None = None  # generation length everywhere; None = the task's own
     vocab_size: int | None = None  # BPE size of the trained tokenizer; None = the task's own
 
+    def budget(self, algorithm: str) -> int:
+        """Iterations (online) or optimiser steps (dpo) of the last stage."""
+        return self.final_budget if self.final_budget is not None else get_algorithm(algorithm).demo_budget
 
-    def iterations(self, algorithm: str) -> int:
-        """RL iterations of `algorithm` (online ones): `rl_iterations`, else its RL_ITERATIONS entry."""
-        return self.rl_iterations if self.rl_iterations is not None else RL_ITERATIONS[algorithm]
-
-    def rl_config(self, algorithm: str, max_new_tokens: int = 6) -> OnlineRLConfig:
-        """The algorithm's preset with the demo's shared and per-algorithm settings on top."""
-        return OnlineRLConfig.preset(algorithm, max_new_tokens=max_new_tokens,
-                                     **{**self.rl_shared, **self.rl_overrides.get(algorithm, {})})
-
-
-RL_ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo")
-# Default iterations per online algorithm, set for roughly equal wall time on 2 CPU cores
-# (45-65 s): a PPO iteration takes 8 optimiser steps with a critic, a REINFORCE/RLOO/GRPO one 4.
-RL_ITERATIONS = {"ppo": 60, "reinforce": 150, "rloo": 150, "grpo": 150, "trpo": 120, "online_dpo": 60}
-ALGORITHMS = (*RL_ALGORITHMS, "dpo", "online_dpo")
+    def final_config(self, algorithm: str, max_new_tokens: int):
+        """The last stage's config: `final`, else the registry's demo config for this task."""
+        if self.final is not None:
+            return self.final
+        entry = get_algorithm(algorithm)
+        overrides: dict = {}
+        if entry.online:
+            overrides["max_new_tokens"] = max_new_tokens
+        if self.prompts_per_step is not None and entry.online:
+            overrides["batch_size" if entry.stage == "online_dpo" else "prompts_per_step"] = self.prompts_per_step
+        return entry.demo_config(**overrides)
 
 
 def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: int, temperature: float,
@@ -181,35 +163,37 @@ def _mean(xs: list[float]) -> float:
 GOLD_AXIS = "gold score (mean judge score; arithmetic: fraction correct)"
 
 
-def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float, end_accuracy: float,
-          task: str = "arithmetic") -> None:
+def _plot(history: list[dict], evals: list[dict], path: str, algorithm: str, task: str = "arithmetic") -> None:
+    """Proxy reward per iteration and the evaluations' greedy gold score; offline DPO: gold before/after."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    if not history:  # offline DPO has no iterations: show gold accuracy before and after
-        ax.bar(["SFT", algorithm.upper()], [start_accuracy, end_accuracy], color=["C7", "C3"])
+    gold = [(e["step"], e["val/greedy_gold_reward"]) for e in evals]
+    if not history:  # offline DPO has no iterations: its evaluations along its optimiser steps
+        ax.plot(*zip(*gold, strict=True), "o-", color="C3")
+        ax.set_xlabel(f"{algorithm.upper()} optimiser step")
         ax.set_ylabel(GOLD_AXIS)
         ax.set_ylim(0, 1)
-        ax.set_title(f"{task} task: gold score before and after preference optimisation")
+        ax.set_title(f"{task} task: gold score during preference optimisation")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return
+    per_iteration = evals[-1]["samples"] / len(history)  # every iteration samples the same number
     it = [h["iteration"] for h in history]
     ax.plot(it, [h["train/reward"] for h in history], label="proxy reward (reward model, sampled)", color="C0")
     ax.axhline(0.0, color="C0", lw=0.5, ls=":")
     ax.set_xlabel(f"{algorithm.upper()} iteration")
     ax.set_ylabel("proxy reward (normalised reward-model score)", color="C0")
     ax2 = ax.twinx()
-    if history and "train/gold_reward" in history[0]:
+    if "train/gold_reward" in history[0]:
         ax2.plot(it, [h["train/gold_reward"] for h in history], label="gold score (sampled)",
                  color="C1", alpha=0.5)
-    ev = [(0, start_accuracy)] + [(h["iteration"], h["val/gold_reward"]) for h in history if "val/gold_reward" in h]
-    if ev:
-        ax2.plot(*zip(*ev, strict=True), "o-", label="gold score (greedy, eval set)", color="C3")
+    ev = [(e["samples"] / per_iteration, e["val/greedy_gold_reward"]) for e in evals]
+    ax2.plot(*zip(*ev, strict=True), "o-", label="gold score (greedy, eval set)", color="C3")
     ax2.set_ylabel(GOLD_AXIS)
     ax2.set_ylim(0, 1)
     handles = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
@@ -223,14 +207,13 @@ def _plot(history: list[dict], path: str, algorithm: str, start_accuracy: float,
 
 @dataclass
 class Base:
-    """What `build_base` leaves: the shared start of every RL / preference stage.
+    """What `build_base` leaves: the shared start of every last stage.
 
     The same objects are also on disk under the base folder (`pretrain/`, `sft/`, `reward_model/`).
     """
 
     task: object  # the task (rlhf_lab.tasks)
     sft: Policy  # the SFT policy, as trained (the start of every last stage)
-    reward_policy: Policy  # the reward model (a Policy with a scalar head)
     reward_fn: RewardModelSource  # the reward model as a reward source, normalised on SFT samples
     pairs: list[dict]  # the gold-ranked preference pairs, shuffled; the first `n_val` are held out
     n_val: int
@@ -238,101 +221,124 @@ class Base:
     summary: dict  # the `pretrain`, `sft` and `reward_model` entries of the demo's summary.json
 
 
+def _stage(c: DemoConfig, out: str, name: str, backbone: str, config, steps: int, logger, progress: bool,
+           **kwargs) -> FitConfig:
+    """The FitConfig of one demo stage."""
+    vocab = c.vocab_size or get_task(c.task).vocab_size
+    return FitConfig(stage=name, out=out, seed=c.seed, task=c.task,
+                     model=ModelConfig(backbone=backbone, vocab_size=vocab, **kwargs.pop("model", {})),
+                     config=config, trainer=TrainerConfig(max_steps=steps, enable_progress_bar=progress),
+                     logger=logger, **kwargs)
+
+
 def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
-               run_config=None, progress: bool = True, echo=print, normalize_temperature: float = 1.0) -> Base:
+               run_config=None, progress: bool = True, echo=print) -> Base:
     """Stages 1-3 of the demo: pretrain → SFT → preference pairs → reward model → normalised reward.
 
     Writes `pretrain/`, `sft/` and `reward_model/` (HF folders beside each stage's Lightning logs)
-    into `out`, prints a table per stage through `echo`, and seeds everything with `config.seed`
-    first. The reward model is normalised (mean 0, std 1) on one sample per RL prompt from the SFT
-    policy at `normalize_temperature`. `logger` and `run_config` go to every stage's Trainer
-    (`rlhf_lab.runs.make_trainer`). Returns a `Base`.
+    into `out` and prints a table per stage through `echo`; each stage is one `build_run`, seeded
+    with `config.seed`. The reward model is normalised (mean 0, std 1) on one sample per RL prompt
+    of the SFT policy at temperature 1. Returns a `Base`.
     """
     c = config or DemoConfig()
     task = get_task(c.task)
     max_new_tokens = c.max_new_tokens or task.max_new_tokens
+    logger = logger if isinstance(logger, LoggerConfig) else LoggerConfig(kind=logger)
     os.makedirs(out, exist_ok=True)
-    L.seed_everything(c.seed, verbose=False)
-    judge = task.gold_reward
     eval_prompts = task.eval_prompts()
-    trainer_kw = dict(logger=logger, run_config=run_config, enable_progress_bar=progress)
     summary: dict = {}
+    common = dict(logger=logger, progress=progress)
+    no_eval = EvalConfig(prompts=0)
 
     # 1. Pretraining: a named backbone starts from scratch with a tokenizer trained on the task's
     # own text; a local HF folder brings its weights and tokenizer and is trained further.
-    if c.backbone in backbone_names():
-        tokenizer = train_bpe_tokenizer(task.tokenizer_texts(), vocab_size=c.vocab_size or task.vocab_size)
-        policy = Policy(build_tiny_model(c.backbone, tokenizer), tokenizer)
-    else:
-        tokenizer = load_tokenizer(c.backbone)
-        policy = Policy(load_backbone(c.backbone), tokenizer)
-    corpus = task.pretrain_corpus(seed=c.seed)
-    n_val = max(1, len(corpus) // 20)
-    stage = Pretrain(policy, corpus[n_val:], corpus[:n_val], c.pretrain)
-    trainer = make_trainer(out, "pretrain", c.pretrain_steps, val_check_interval=None,
-                           check_val_every_n_epoch=None, **trainer_kw)
-    trainer.fit(stage)
-    val = trainer.validate(stage, verbose=False)[0]
-    finish_loggers(trainer)
-    policy.save(os.path.join(out, "pretrain"), extra={"stage": "pretrain", "config": asdict(c.pretrain)})
-    summary["pretrain"] = {"val_loss": val["val/loss"], "val_perplexity": float(torch.exp(torch.tensor(val["val/loss"])))}
+    run = build_run(_stage(c, out, "pretrain", c.backbone, c.pretrain, c.pretrain_steps, eval=no_eval, **common),
+                    task=task, run_config=run_config)
+    val = run.fit()["metrics"]
+    summary["pretrain"] = {"val_loss": val["val/loss"], "val_perplexity": val["val/perplexity"]}
     echo(_table("pretrain", [("steps", str(c.pretrain_steps)), ("val loss", f"{val['val/loss']:.3f}"),
-                             ("val perplexity", f"{summary['pretrain']['val_perplexity']:.2f}")]))
+                             ("val perplexity", f"{val['val/perplexity']:.2f}")]))
 
-    # 2. SFT on the task's question → answer pairs (loss on the answer only).
-    train_rows, val_rows = task.sft_pairs(seed=c.seed)
-    policy = Policy.load(os.path.join(out, "pretrain"))
-    stage = SFT(policy, train_rows, val_rows, c.sft)
-    trainer = make_trainer(out, "sft", c.sft_steps, **trainer_kw)
-    trainer.fit(stage)
-    val = trainer.validate(stage, verbose=False)[0]
-    finish_loggers(trainer)
-    policy.save(os.path.join(out, "sft"), extra={"stage": "sft", "config": asdict(c.sft)})
+    # 2. SFT on the task's question → answer pairs (loss on the answer only), evaluated greedily
+    # on the eval prompts by the gold judge.
+    sft_eval = EvalConfig(prompts=len(eval_prompts), at_start=False, max_new_tokens=max_new_tokens)
+    run = build_run(_stage(c, out, "sft", os.path.join(out, "pretrain"), c.sft, c.sft_steps, eval=sft_eval,
+                           **common), task=task, eval_prompts=eval_prompts, references=[], run_config=run_config)
+    val = run.fit()["metrics"]
+    policy = run.policy
     before = greedy_completions(policy, eval_prompts, max_new_tokens)
-    sft_acc = _mean(judge(eval_prompts, before))
+    sft_acc = val["val/gold_reward"]
     summary["sft"] = {"val_loss": val["val/loss"], "gold_accuracy": sft_acc}
     echo(_table("sft", [("steps", str(c.sft_steps)), ("val loss", f"{val['val/loss']:.3f}"),
                         ("greedy gold score", f"{sft_acc:.1%} on {len(eval_prompts)} eval prompts")]))
 
     # 3. Reward model on SFT samples ranked by the gold judge.
     rm_prompts = task.rl_prompts(seed=c.seed)
-    pairs = build_preference_pairs(policy, rm_prompts, judge, c.pair_samples, c.pair_temperature,
+    pairs = build_preference_pairs(policy, rm_prompts, task.gold_reward, c.pair_samples, c.pair_temperature,
                                    max_new_tokens, c.seed)
     random.Random(c.seed).shuffle(pairs)
     n_val = max(1, len(pairs) // 10)
-    reward_policy = Policy.load(os.path.join(out, "sft"), scalar_head=True)
-    stage = RewardModel(reward_policy, pairs[n_val:], pairs[:n_val], c.reward)
-    trainer = make_trainer(out, "reward_model", c.reward_steps, **trainer_kw)
-    trainer.fit(stage)
-    val = trainer.validate(stage, verbose=False)[0]
-    finish_loggers(trainer)
-    reward_policy.save(os.path.join(out, "reward_model"), extra={"stage": "reward_model", "config": asdict(c.reward)})
+    run = build_run(_stage(c, out, "reward_model", os.path.join(out, "sft"), c.reward, c.reward_steps,
+                           eval=no_eval, **common), task=task, rows=(pairs[n_val:], pairs[:n_val]),
+                    run_config=run_config)
+    val = run.fit()["metrics"]
     summary["reward_model"] = {"pairs": len(pairs), "val_accuracy": val["val/accuracy"], "val_loss": val["val/loss"]}
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
                                  ("val accuracy", f"{val['val/accuracy']:.1%}")]))
 
     # The reward model is normalised on SFT samples, so a score reads in standard deviations of
     # the SFT policy's rewards (Stiennon et al. 2020; Ouyang et al. 2022).
-    samples = policy.generate(rm_prompts, max_new_tokens=max_new_tokens, temperature=normalize_temperature)
-    reward_fn = RewardModelSource(reward_policy).normalize(samples.prompts, samples.completions)
-    return Base(task=task, sft=policy, reward_policy=reward_policy, reward_fn=reward_fn, pairs=pairs,
-                n_val=n_val, sft_before=before, summary=summary)
+    samples = policy.generate(rm_prompts, max_new_tokens=max_new_tokens, temperature=1.0)
+    reward_fn = RewardModelSource(run.policy).normalize(samples.prompts, samples.completions)
+    return Base(task=task, sft=policy, reward_fn=reward_fn, pairs=pairs, n_val=n_val, sft_before=before,
+                summary=summary)
+
+
+def final_run_config(c: DemoConfig, algorithm: str, out: str, base_dir: str, logger, progress: bool = True,
+                     budget=None, evaluation: EvalConfig | None = None) -> FitConfig:
+    """The FitConfig of the last stage: the registry's demo config of `algorithm` from `base_dir/sft`.
+
+    With LoRA the stage trains a fresh adapter on the SFT weights and the reference is the same
+    model with the adapter disabled. PPO's critic starts as a copy of the reward model (Ouyang et
+    al. 2022). `budget` (a BudgetConfig) stops an online run at an equal budget (compare); else the
+    run lasts `c.budget(algorithm)` iterations (dpo: optimiser steps).
+    """
+    task = get_task(c.task)
+    max_new_tokens = c.max_new_tokens or task.max_new_tokens
+    entry = get_algorithm(algorithm)
+    config = c.final_config(algorithm, max_new_tokens)
+    if entry.stage == "online_rl":
+        per_iteration = min(config.prompts_per_step, len(task.rl_prompts())) * config.samples_per_prompt
+        steps = c.budget(algorithm) * config.steps_per_iteration
+    elif entry.stage == "online_dpo":
+        per_iteration, steps = 2 * min(config.batch_size, len(task.rl_prompts())), c.budget(algorithm)
+    else:
+        per_iteration, steps = None, c.budget(algorithm)
+    if evaluation is None:  # proxy reward and KL on samples, greedy gold: the same for every algorithm
+        every, axis = (c.eval_every * per_iteration, "samples") if per_iteration else (max(1, steps // 5), "step")
+        evaluation = EvalConfig(every=every, axis=axis, prompts=len(task.eval_prompts()), greedy=False,
+                                greedy_gold=True, max_new_tokens=max_new_tokens)
+    critic = "reward_model" if entry.stage == "online_rl" and config.baseline == "critic" else None
+    model = dict(lora=c.lora, reference="base" if c.lora is not None else "copy", critic=critic)
+    return _stage(c, out, algorithm, os.path.join(base_dir, "sft"), config, steps, logger, progress,
+                  model=model, reward=RewardConfig(source="reward_model", path=os.path.join(base_dir, "reward_model")),
+                  eval=evaluation, budget=budget)
 
 
 def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
              algorithm: str = "ppo", progress: bool = True, echo=print) -> dict:
     """Run the four stages and write everything to `out` (default `runs/demo-<time>/`).
 
-    The folder holds `pretrain/`, `sft/`, `reward_model/`, `ppo/` — each an HF checkpoint folder
-    (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv` —
-    plus `summary.json` and `rl_curve.png`. Stages 1-3 are `build_base`. Returns the summary dict.
+    The folder holds `pretrain/`, `sft/`, `reward_model/`, `<algorithm>/` — each an HF checkpoint
+    folder (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv`
+    and `summary.json` — plus the demo's `summary.json` and `rl_curve.png`. Stages 1-3 are
+    `build_base`; the last stage is `final_run_config` through the same builder. Returns the summary.
     """
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}; got {algorithm!r}")
+    if algorithm not in algorithm_names():
+        raise ValueError(f"algorithm must be one of {', '.join(algorithm_names())}; got {algorithm!r}")
     c = config or DemoConfig()
     task = get_task(c.task)
     max_new_tokens = c.max_new_tokens or task.max_new_tokens
-    rl_config = c.rl_config(algorithm if algorithm in RL_ALGORITHMS else "ppo", max_new_tokens)
     out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     run_name = os.path.basename(os.path.normpath(out))
@@ -346,63 +352,33 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
         log_config, group=log_config.group or run_name,
         tags=[*log_config.tags, f"task:{task.name}", f"backbone:{c.backbone}", f"algorithm:{algorithm}"])
     run_config = {"demo": asdict(c), "algorithm": algorithm}
-    trainer_kw = dict(logger=log_config, run_config=run_config, enable_progress_bar=progress)
     summary: dict = {"task": task.name, "backbone": c.backbone, "lora": c.lora is not None, "seed": c.seed,
                      "config": asdict(c)}
 
     # 1-3. Pretrain, SFT, reward model (and its normalisation on SFT samples).
-    base = build_base(out, c, logger=log_config, run_config=run_config, progress=progress, echo=echo,
-                      normalize_temperature=rl_config.temperature)
+    base = build_base(out, c, logger=log_config, run_config=run_config, progress=progress, echo=echo)
     summary.update(base.summary)
     sft_acc, before = summary["sft"]["gold_accuracy"], base.sft_before
-    pairs, n_val, reward_fn = base.pairs, base.n_val, base.reward_fn
 
-    # 4. RL against the learned reward model; the gold judge only watches. A critic (PPO's)
-    # starts as a copy of the reward model (Ouyang et al. 2022).
-    # With LoRA the last stage trains a fresh adapter on the SFT weights and the reference is the
-    # same model with the adapter disabled: no second copy in memory.
-    reference = "base" if c.lora is not None else "copy"
-    if algorithm in RL_ALGORITHMS:
-        critic = reward_fn.as_critic() if rl_config.baseline == "critic" else None
-        policy = Policy.load(os.path.join(out, "sft"), reference=reference, critic=critic, lora=c.lora)
-        stage = OnlineRL(policy, task.rl_prompts(seed=c.seed), reward_fn, rl_config,
-                         gold_fn=CallableSource(judge), val_prompts=eval_prompts)
-        # Manual optimisation counts every optimiser step as a Trainer step.
-        steps, stage_config = c.iterations(algorithm) * rl_config.steps_per_iteration, rl_config
-        fit_kw = dict(val_check_interval=c.eval_every, check_val_every_n_epoch=None)
-    elif algorithm == "dpo":  # offline, on the gold-ranked pairs the reward model was trained on
-        policy = Policy.load(os.path.join(out, "sft"), reference=reference, lora=c.lora)
-        stage = DPO(policy, pairs[n_val:], pairs[:n_val], c.dpo)
-        steps, stage_config = c.dpo_steps, c.dpo
-        fit_kw = dict(val_check_interval=max(1, steps // 5), check_val_every_n_epoch=None)
-    else:  # online_dpo: fresh pairs from the current policy, ranked by the reward model
-        policy = Policy.load(os.path.join(out, "sft"), reference=reference, lora=c.lora)
-        online_dpo = dataclasses.replace(c.online_dpo, max_new_tokens=max_new_tokens)
-        stage = OnlineDPO(policy, task.rl_prompts(seed=c.seed), reward_fn, online_dpo,
-                          gold_fn=CallableSource(judge))
-        steps, stage_config, fit_kw = c.iterations(algorithm), online_dpo, {}
-    trainer = make_trainer(out, algorithm, steps, **fit_kw, **trainer_kw)
-    trainer.fit(stage)
-    finish_loggers(trainer)
-    policy.save(os.path.join(out, algorithm), extra={"stage": algorithm, "config": asdict(stage_config)})
+    # 4. The algorithm against the learned reward model; the gold judge only watches. Offline DPO
+    # trains on the gold-ranked pairs the reward model was trained on.
+    fit_config = final_run_config(c, algorithm, out, out, log_config, progress)
+    rows = (base.pairs[base.n_val:], base.pairs[:base.n_val]) if fit_config.stage_name == "dpo" else None
+    run = build_run(fit_config, task=task, rows=rows, reward_fn=base.reward_fn, run_config=run_config)
+    result = run.fit()
+    policy, last = run.policy, run.evaluator.history[-1]
     after = greedy_completions(policy, eval_prompts, max_new_tokens)
-    rl_acc = _mean(judge(eval_prompts, after))
-    # The same end-of-run measurement for every algorithm: proxy reward and KL to the SFT policy
-    # of samples on the eval prompts.
-    final = policy.generate(eval_prompts, max_new_tokens=max_new_tokens, temperature=1.0)
-    mask = final.response_mask.float()
-    reward = float(reward_fn(final.prompts, final.completions).mean())
-    kl = float((kl_k1(final.logprobs, policy.ref_logprobs(final.input_ids, final.attention_mask)) * mask)
-               .sum(1).mean())
-    summary["rl"] = {"algorithm": algorithm, "lora": c.lora is not None, "gold_accuracy": rl_acc, "reward": reward, "kl": kl,
-                     "steps": steps}
-    echo(_table(algorithm, [("optimiser steps", str(steps)),
-                            ("proxy reward (sampled, eval set)", f"{reward:.3f}"),
-                            ("KL to SFT policy (sampled)", f"{kl:.3f} nats"),
+    rl_acc = last["val/greedy_gold_reward"]
+    summary["rl"] = {"algorithm": algorithm, "lora": c.lora is not None, "gold_accuracy": rl_acc,
+                     "reward": last["val/reward"], "kl": last["val/kl"], "steps": result["steps"]}
+    echo(_table(algorithm, [("optimiser steps", str(result["steps"])),
+                            ("proxy reward (sampled, eval set)", f"{last['val/reward']:.3f}"),
+                            ("KL to SFT policy (sampled)", f"{last['val/kl']:.3f} nats"),
                             ("greedy gold score", f"{sft_acc:.1%} → {rl_acc:.1%}")]))
     echo(_samples_table(eval_prompts, before, after, judge))
 
-    _plot(getattr(stage, "history", []), os.path.join(out, "rl_curve.png"), algorithm, sft_acc, rl_acc, task.name)
+    _plot(getattr(run.stage, "history", []), run.evaluator.history, os.path.join(out, "rl_curve.png"), algorithm,
+          task.name)
     summary["seconds"] = time.perf_counter() - start
     with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)

@@ -59,15 +59,18 @@ def test_build_types_values_and_names_bad_keys(tmp_path):
 
 def test_presets_as_stage_names_or_keys():
     grpo = build_fit_config({"task": "arithmetic", "config": {"lr": 1e-5}}, stage="grpo")
-    assert grpo.stage == "online_rl" and isinstance(grpo.config, OnlineRLConfig)
+    # The algorithm is the run's name (it writes <out>/grpo/); online_rl is the stage that trains it.
+    assert (grpo.stage, grpo.stage_name) == ("grpo", "online_rl") and isinstance(grpo.config, OnlineRLConfig)
     assert (grpo.config.algorithm, grpo.config.baseline, grpo.config.kl_in, grpo.config.lr) == \
         ("grpo", "group_norm", "loss", 1e-5)
     rloo = build_fit_config({"stage": "online_rl", "task": "arithmetic", "config": {"preset": "rloo", "samples_per_prompt": 8}})
     assert (rloo.config.baseline, rloo.config.samples_per_prompt) == ("leave_one_out", 8)
     with pytest.raises(ValueError, match="config.preset applies to the online RL stages"):
         build_fit_config({"stage": "sft", "task": "arithmetic", "config": {"preset": "grpo"}})
-    with pytest.raises(ValueError, match="config.preset must be one of"):
+    with pytest.raises(ValueError, match="config.preset: unknown algorithm 'a2c'; choose from: ppo"):
         build_fit_config({"stage": "online_rl", "task": "arithmetic", "config": {"preset": "a2c"}})
+    with pytest.raises(ValueError, match="config.preset is 'rloo' but the stage is 'grpo'"):
+        build_fit_config({"task": "arithmetic", "config": {"preset": "rloo"}}, stage="grpo")
 
 
 def test_field_help_lists_every_field_with_default_and_comment():

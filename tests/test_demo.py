@@ -39,7 +39,15 @@ def test_quick_demo_writes_the_run_folder(tmp_path, capsys, algorithm):
     out = str(tmp_path / "run")
     assert main(["demo", "--quick", "--no-progress", "--out", out, "--algorithm", algorithm]) == 0
     summary = _check_run_folder(out, algorithm)
-    assert 0.0 <= summary["sft"]["gold_accuracy"] <= 1.0
+    # The SFT gold score is the judge's mean on the saved SFT policy's greedy answers.
+    from rlhf_lab.eval import greedy_completions
+    from rlhf_lab.policy import Policy
+    from rlhf_lab.tasks import get_task
+
+    task = get_task("arithmetic")
+    answers = greedy_completions(Policy.load(os.path.join(out, "sft")), task.eval_prompts(), task.max_new_tokens)
+    assert summary["sft"]["gold_accuracy"] == pytest.approx(
+        sum(task.gold_reward(task.eval_prompts(), answers)) / len(answers))
     printed = capsys.readouterr().out
     for title in ("== pretrain", "== sft", "== reward model", f"== {algorithm}", "== generations before and after RL"):
         assert title in printed

@@ -87,12 +87,13 @@ def _page_id(path: Path) -> str:
 
 def _registries() -> list[dict]:
     """Name registries a page may extend (extending.md does); restored after every page."""
+    from rlhf_lab.algorithms import ALGORITHMS
     from rlhf_lab.losses import BASELINES, DPO_LOSSES, KL_ESTIMATORS
     from rlhf_lab.models.backbones import TINY_CONFIGS
-    from rlhf_lab.stages import PRESETS, STAGES
+    from rlhf_lab.stages import STAGES
     from rlhf_lab.tasks import TASKS
 
-    return [BASELINES, DPO_LOSSES, KL_ESTIMATORS, TINY_CONFIGS, PRESETS, STAGES, TASKS]
+    return [BASELINES, DPO_LOSSES, KL_ESTIMATORS, TINY_CONFIGS, ALGORITHMS, STAGES, TASKS]
 
 
 @pytest.mark.parametrize("page", PAGES, ids=_page_id)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from rlhf_lab.algorithms import algorithm_names
 from rlhf_lab.compare.config import (
-    ALGORITHMS,
     BUDGET_UNITS,
     DEFAULT_ALGORITHMS,
     DEFAULT_BUDGET,
@@ -53,7 +53,7 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
 
     p.add_argument("--task", default="arithmetic", choices=list(TASKS), help="built-in task (default: arithmetic)")
     p.add_argument("--algorithms", default=",".join(DEFAULT_ALGORITHMS), metavar="A,B,...",
-                   help=f"comma-separated, from {', '.join(ALGORITHMS)} (default: {','.join(DEFAULT_ALGORITHMS)})")
+                   help=f"comma-separated, from {', '.join(algorithm_names())} (default: {','.join(DEFAULT_ALGORITHMS)})")
     p.add_argument("--seeds", type=int, default=3, metavar="N",
                    help="runs per algorithm, with seeds 0 … N-1 (default: 3)")
     p.add_argument("--budget", type=int, default=None, metavar="N",

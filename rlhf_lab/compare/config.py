@@ -5,14 +5,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from rlhf_lab.algorithms import algorithm_names
 from rlhf_lab.checks import check_choice, check_positive
 
-__all__ = ["ALGORITHMS", "BUDGET_UNITS", "CompareConfig", "DEFAULT_ALGORITHMS", "DEFAULT_BUDGET", "QUICK_BUDGET"]
+__all__ = ["BUDGET_UNITS", "CompareConfig", "DEFAULT_ALGORITHMS", "DEFAULT_BUDGET", "QUICK_BUDGET"]
 
-# Every last stage of the demo can be compared. The online ones stop when their budget counter
-# reaches the budget; DPO samples its budget from the SFT policy first (see runner.py).
-ALGORITHMS = ("ppo", "reinforce", "rloo", "grpo", "trpo", "online_dpo", "dpo")
-OFFLINE_ALGORITHMS = ("dpo",)
+# Every registered algorithm can be compared (rlhf_lab.algorithms). The online ones stop when
+# their budget counter reaches the budget; offline DPO samples its budget from the SFT policy
+# first (see runner.py).
 DEFAULT_ALGORITHMS = ("ppo", "rloo", "grpo", "dpo")
 BUDGET_UNITS = ("samples", "tokens")
 # 15,360 samples = 60 iterations of the demo's 64 prompts × 4 responses: the demo's PPO budget.
@@ -54,7 +54,7 @@ class CompareConfig:
         if not self.algorithms:
             raise ValueError("algorithms must name at least one algorithm")
         for name in self.algorithms:
-            check_choice("algorithms", name, ALGORITHMS)
+            check_choice("algorithms", name, algorithm_names())
         if len(set(self.algorithms)) != len(self.algorithms):
             raise ValueError(f"algorithms lists one twice: {','.join(self.algorithms)}")
         check_positive("seeds", self.seeds)
@@ -87,20 +87,23 @@ class CompareConfig:
 
         c = DemoConfig(seed=self.base_seed, task=self.task, backbone=self.backbone)
         if self.quick:
-            c.pretrain_steps, c.sft_steps, c.reward_steps, c.pair_samples, c.dpo_steps = 40, 20, 20, 4, 4
-            c.rl_shared = {**c.rl_shared, "prompts_per_step": 16}
-            c.online_dpo = dataclasses.replace(c.online_dpo, batch_size=16)
+            c.pretrain_steps, c.sft_steps, c.reward_steps, c.pair_samples = 40, 20, 20, 4
+            c.prompts_per_step = 16
+            c.final_budget = 4  # offline DPO's optimiser steps (the online ones stop at the budget)
         return c
 
     def identity(self) -> dict:
         """Everything that decides a single run's result, as plain JSON values; returns a dict.
 
         That is every field but `algorithms` and `seeds`, plus the resolved demo settings (base
-        budgets and each algorithm's hyperparameters), so a change of defaults between versions
-        is caught too.
+        budgets) and every registered algorithm's resolved config, so a change of defaults between
+        versions is caught too.
         """
         from rlhf_lab.runs import plain_config
 
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                if f.name not in ("algorithms", "seeds")}
-        return plain_config({**own, "demo": self.demo_config()})
+        demo = self.demo_config()
+        # Every registered algorithm's resolved config (the registry's preset and demo settings).
+        settings = {name: demo.final_config(name, demo.max_new_tokens or 8) for name in algorithm_names()}
+        return plain_config({**own, "demo": demo, "settings": settings})

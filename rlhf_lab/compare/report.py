@@ -12,7 +12,8 @@ import os
 import shlex
 from collections import defaultdict
 
-from rlhf_lab.compare.config import ALGORITHMS, OFFLINE_ALGORITHMS, CompareConfig
+from rlhf_lab.algorithms import algorithm_names, get_algorithm
+from rlhf_lab.compare.config import CompareConfig
 from rlhf_lab.compare.stats import MeanCI, mean_ci, student_t_quantile
 
 __all__ = ["METRICS", "aggregate", "write_report", "PLOTS"]
@@ -32,7 +33,7 @@ LEVEL = 0.95
 
 
 def _color(algorithm: str) -> str:
-    return f"C{ALGORITHMS.index(algorithm) % 10}"
+    return f"C{algorithm_names().index(algorithm) % 10}"
 
 
 def _gold_unit(task: str) -> str:
@@ -95,7 +96,7 @@ def _plot_reward_vs_budget(path: str, config: CompareConfig, histories: dict[str
     for ax, (key, label) in zip(axes, panels, strict=True):
         for alg, hs in histories.items():
             color = _color(alg)
-            if alg in OFFLINE_ALGORITHMS:
+            if not get_algorithm(alg).online:
                 # Offline: every sample is drawn before training, so there is only a start (the SFT
                 # policy, at 0) and an end (after training, at the budget spent).
                 start = _trajectory([h[:1] for h in hs], key)[0][1]
@@ -183,20 +184,19 @@ def _cell(m: MeanCI, digits: int) -> str:
 def _settings(config: CompareConfig) -> list[str]:
     """One line per algorithm: the settings it ran with (the demo's)."""
     demo = config.demo_config()
+    max_new_tokens = demo.max_new_tokens or 8
     lines = []
     for alg in config.algorithms:
-        if alg == "dpo":
-            d = demo.dpo
-            lines.append(f"- `dpo`: pairs from the budget's SFT samples ranked by the proxy (at most "
-                         f"{config.dpo_max_pairs_per_prompt} per prompt), then {demo.dpo_steps} optimiser "
-                         f"steps of {d.variant} DPO, β = {d.beta}, NLL coefficient {d.nll_coef} (RPO), "
-                         f"lr {d.lr:g}, batch {d.batch_size} pairs")
-        elif alg == "online_dpo":
-            d = demo.online_dpo
-            lines.append(f"- `online_dpo`: {d.batch_size} prompts × 2 responses per iteration ranked by the proxy, "
-                         f"{d.variant} DPO, β = {d.beta}, lr {d.lr:g}")
+        entry, c = get_algorithm(alg), demo.final_config(alg, max_new_tokens)
+        if entry.stage == "dpo":
+            lines.append(f"- `{alg}`: pairs from the budget's SFT samples ranked by the proxy (at most "
+                         f"{config.dpo_max_pairs_per_prompt} per prompt), then {demo.budget(alg)} optimiser "
+                         f"steps of {c.variant} DPO, β = {c.beta}, NLL coefficient {c.nll_coef} (RPO), "
+                         f"lr {c.lr:g}, batch {c.batch_size} pairs")
+        elif entry.stage == "online_dpo":
+            lines.append(f"- `{alg}`: {c.batch_size} prompts × 2 responses per iteration ranked by the proxy, "
+                         f"{c.variant} DPO, β = {c.beta}, lr {c.lr:g}")
         else:
-            c = demo.rl_config(alg)
             kl = f"KL (k{c.kl_estimator[-1]}) in the {c.kl_in}, β = {c.kl_coef}"
             clip = "no clipping" if c.clip_ratio is None else f"clip ε = {c.clip_ratio}"
             critic = f", critic lr {c.critic_lr:g}, vf_coef {c.vf_coef}" if c.baseline == "critic" else ""
@@ -386,17 +386,17 @@ def _budget_text(config: CompareConfig) -> str:
     counter = ("`budget/samples`: responses sampled" if config.budget_unit == "samples"
                else "`budget/generated_tokens`: response tokens sampled, EOS included")
     demo = config.demo_config()
-    shared = demo.rl_shared
+    shared = demo.final_config("ppo", demo.max_new_tokens or 8)  # the online algorithms' batches
     text = (f"{config.budget:,} {config.budget_unit} per run, counted by {counter} "
             "(`rlhf_lab.stages.common.Budget`). The online algorithms stop at the first iteration at which "
             "the counter reaches the budget, so a run may overshoot by less than one iteration (the table "
             "shows what each spent).")
     if "dpo" in config.algorithms:
         text += (f" DPO is offline: before training it samples responses from the SFT policy in the online "
-                 f"algorithms' batches ({shared['prompts_per_step']} prompts × {shared['samples_per_prompt']} "
+                 f"algorithms' batches ({shared.prompts_per_step} prompts × {shared.samples_per_prompt} "
                  "responses, temperature 1) until the same counter reaches the budget, ranks each prompt's "
                  "distinct responses with the proxy reward model into chosen/rejected pairs, and trains on "
-                 f"them for {demo.dpo_steps} optimiser steps. Those steps sample nothing, so they are not "
+                 f"them for {demo.budget('dpo')} optimiser steps. Those steps sample nothing, so they are not "
                  "counted; DPO's budget is the samples (or tokens) it drew, and its wall time includes the "
                  "sampling. In the budget plot DPO is a start and an end point, not a curve.")
     if "online_dpo" in config.algorithms:

@@ -27,30 +27,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import multiprocessing
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 
 import lightning as L
 import torch
 
-from rlhf_lab.compare.config import OFFLINE_ALGORITHMS, CompareConfig
+from rlhf_lab.compare.config import CompareConfig
 from rlhf_lab.demo import build_base, rank_into_pairs
-from rlhf_lab.eval.metrics import evaluate_policy
 from rlhf_lab.policy import Policy
-from rlhf_lab.rewards import CallableSource, RewardModelSource
-from rlhf_lab.runs import LoggerConfig, finish_loggers, make_trainer, quiet_libraries
-from rlhf_lab.stages import DPO, OnlineDPO, OnlineRL
+from rlhf_lab.rewards import RewardModelSource
+from rlhf_lab.runs.loggers import LoggerConfig, quiet_libraries
 from rlhf_lab.tasks import get_task
 
-__all__ = ["CompareConfigError", "CompareOutcome", "run_compare", "run_one", "run_logger_config",
-           "measure_policy", "BudgetEval"]
+__all__ = ["CompareConfigError", "CompareOutcome", "run_compare", "run_one", "run_logger_config"]
 
 BASE_DIR, RUNS_DIR = "base", "runs"
 CONFIG_FILE, BASE_MARKER = "compare.json", "base.json"
@@ -94,113 +89,6 @@ def _read_json(path: str):
         return json.load(f)
 
 
-# ---------------------------------------------------------------------------------- measuring
-def measure_policy(policy, prompts: list[str], reward_fn, gold_fn, max_new_tokens: int,
-                   samples_per_prompt: int, seed: int) -> dict[str, float]:
-    """The comparison's one measurement of a policy on the eval prompts; returns a dict of floats.
-
-    `proxy_reward`, `gold_reward`, `kl` (k1 to the policy's reference, the SFT policy, summed per
-    response, in nats) and `response_length` (tokens) on the same `samples_per_prompt` sampled
-    responses per prompt (temperature 1, a generator seeded with `seed`, so every run and every
-    measurement draws the same random numbers), and `greedy_gold_reward`: the gold score of
-    the greedy responses (the demo's headline number).
-    """
-    sampled = evaluate_policy(policy, prompts, reward_fn=reward_fn, gold_fn=gold_fn, max_new_tokens=max_new_tokens,
-                              greedy=False, temperature=1.0, samples_per_prompt=samples_per_prompt,
-                              generator=torch.Generator().manual_seed(seed), batch_size=256, max_rows=0).metrics
-    greedy = evaluate_policy(policy, prompts, gold_fn=gold_fn, max_new_tokens=max_new_tokens, greedy=True,
-                             batch_size=256, max_rows=0).metrics
-    return {"gold_reward": sampled["val/gold_reward"], "greedy_gold_reward": greedy["val/gold_reward"],
-            "proxy_reward": sampled["val/reward"], "kl": sampled["val/kl"],
-            "response_length": sampled["val/response_length"]}
-
-
-class BudgetEval(L.Callback):
-    """Measure the policy at budget checkpoints and stop training when the budget is spent.
-
-    Args:
-        measure: `policy -> dict of floats` (`measure_policy` with its prompts and reward sources).
-        counter: `(trainer, pl_module) -> float`, the quantity the checkpoints are in (the
-            stage's `budget.samples` or `budget.generated_tokens`; DPO: the optimiser step).
-        checkpoints: increasing counter values; the policy is measured after the first batch at
-            which the counter reaches each one (once per batch, even if it passes several), at
-            the start of training (checkpoint 0) and at its end.
-        stop_at: set `trainer.should_stop` once the counter reaches this (None: never).
-        budget_of: `pl_module -> {"samples": ..., "generated_tokens": ...}`, the budget spent,
-            recorded in every row.
-        extra_seconds: seconds spent before training that count as the run's time (DPO's sampling).
-
-    `history` holds one row per measurement: `checkpoint` (index; 0 = start), `samples`,
-    `generated_tokens`, `optimizer_steps`, `seconds` (training wall time so far, measurements
-    excluded) and the measured metrics. Each row is also logged to the trainer's loggers at the
-    current step: the metrics under DESIGN.md's names (`val/reward` for the proxy, `val/gold_reward`,
-    `val/kl`, `val/response_length`; sampled) plus `val/greedy_gold_reward`, and the budget spent
-    as `compare/samples` and `compare/generated_tokens` (not `budget/*`: DPO's own `budget/samples`
-    counts the pairs it trained on).
-    """
-
-    def __init__(self, measure: Callable, counter: Callable, checkpoints: list[float],
-                 stop_at: float | None = None, budget_of: Callable | None = None, extra_seconds: float = 0.0):
-        super().__init__()
-        self.measure, self.counter, self.checkpoints = measure, counter, list(checkpoints)
-        self.stop_at, self.budget_of, self.extra_seconds = stop_at, budget_of, extra_seconds
-        self.history: list[dict] = []
-        self.eval_seconds = 0.0
-        self._next = 0  # index into checkpoints of the next one to reach
-        self._start = time.perf_counter()
-        self._last_key: tuple | None = None
-
-    def train_seconds(self) -> float:
-        """Training wall time so far, measurements excluded (plus `extra_seconds`); returns a float."""
-        return time.perf_counter() - self._start - self.eval_seconds + self.extra_seconds
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self._start = time.perf_counter()
-        self.evaluate(trainer, pl_module, 0)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        value = self.counter(trainer, pl_module)
-        reached = None
-        while self._next < len(self.checkpoints) and value >= self.checkpoints[self._next]:
-            self._next += 1
-            reached = self._next
-        if reached is not None:
-            self.evaluate(trainer, pl_module, reached)
-        if self.stop_at is not None and value >= self.stop_at:
-            trainer.should_stop = True
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        self.evaluate(trainer, pl_module, len(self.checkpoints))
-
-    def evaluate(self, trainer, pl_module, checkpoint: int) -> dict | None:
-        """Measure now (unless this step was measured already); returns the history row or None."""
-        step = trainer.global_step
-        budget = self.budget_of(pl_module) if self.budget_of else {}
-        key = (step, tuple(sorted(budget.items())))  # an iteration without an update keeps the step
-        if key == self._last_key:
-            return None
-        self._last_key = key
-        seconds = self.train_seconds()
-        t0 = time.perf_counter()
-        modes = [(m, m.training) for m in pl_module.modules()]
-        pl_module.eval()
-        try:
-            with torch.no_grad(), torch.random.fork_rng(devices=[]):
-                metrics = self.measure(pl_module.policy)
-        finally:
-            for module, training in modes:
-                module.training = training
-        self.eval_seconds += time.perf_counter() - t0
-        row = {"checkpoint": checkpoint, **budget, "optimizer_steps": step, "seconds": seconds, **metrics}
-        self.history.append(row)
-        if trainer.is_global_zero:
-            logged = {"val/reward" if k == "proxy_reward" else f"val/{k}": v for k, v in metrics.items()}
-            logged.update({f"compare/{k}": float(v) for k, v in budget.items()})
-            for logger in trainer.loggers:
-                logger.log_metrics(logged, step=step)
-        return row
-
-
 # ---------------------------------------------------------------------------------- one run
 def run_logger_config(kind: str, group: str, algorithm: str, seed: int, task: str):
     """The `LoggerConfig` of one run: wandb group = the comparison, tags = algorithm and seed.
@@ -220,7 +108,7 @@ def load_reward_source(base_dir: str):
                              shift=info["reward_shift"], scale=info["reward_scale"])
 
 
-def _sample_budget(policy, prompts: list[str], reward_fn, config: CompareConfig, rl_shared: dict,
+def _sample_budget(policy, prompts: list[str], reward_fn, config: CompareConfig, per_step: int, group: int,
                    max_new_tokens: int, seed: int) -> tuple[list[str], list[str], list[float], int, int]:
     """DPO's budget: sample from `policy` (the SFT policy) in the online algorithms' batches.
 
@@ -229,7 +117,6 @@ def _sample_budget(policy, prompts: list[str], reward_fn, config: CompareConfig,
     responses each at temperature 1, until the budget counter reaches the budget. Returns the
     rows' prompts, completions and proxy scores, and the samples and tokens spent.
     """
-    per_step, group = rl_shared["prompts_per_step"], rl_shared["samples_per_prompt"]
     gen = torch.Generator().manual_seed(seed)
     rows_p: list[str] = []
     rows_c: list[str] = []
@@ -252,13 +139,33 @@ def _sample_budget(policy, prompts: list[str], reward_fn, config: CompareConfig,
     return rows_p, rows_c, scores, samples, tokens
 
 
+# The history row keys of a comparison (report.md, the plots) and the val/ metrics they come from.
+MEASURED = {"gold_reward": "val/gold_reward", "greedy_gold_reward": "val/greedy_gold_reward",
+            "proxy_reward": "val/reward", "kl": "val/kl", "response_length": "val/response_length"}
+
+
+def _history(rows: list[dict]) -> list[dict]:
+    """The evaluator's rows as the comparison's history: budget spent and the measured metrics."""
+    return [{"checkpoint": i, "samples": int(r["samples"]), "generated_tokens": int(r["generated_tokens"]),
+             "optimizer_steps": r["step"], "seconds": r["seconds"],
+             **{k: r[v] for k, v in MEASURED.items()}} for i, r in enumerate(rows)]
+
+
 def run_one(spec: dict) -> dict:
     """Train and measure one algorithm × seed from the comparison's base; returns its result.json dict.
 
-    `spec` (plain values, so it pickles into a worker process): `out` (the comparison folder),
-    `algorithm`, `seed`, `config` (a CompareConfig as a dict), `logger` (csv | wandb), `group`
-    (the wandb group), `threads` (torch threads, or None to keep the process's).
+    The run is `rlhf_lab.demo.final_run_config` (the registry's demo settings of the algorithm)
+    built by the one builder, with the comparison's budget and its measurement: `EvalCallback` on
+    the budget axis, `eval_samples_per_prompt` sampled responses per eval prompt (seeded with
+    `eval_seed`, so every run and every measurement draws the same random numbers) plus the greedy
+    gold score. `spec` (plain values, so it pickles into a worker process): `out` (the comparison
+    folder), `algorithm`, `seed`, `config` (a CompareConfig as a dict), `logger` (csv | wandb),
+    `group` (the wandb group), `threads` (torch threads, or None to keep the process's).
     """
+    from rlhf_lab.algorithms import get_algorithm
+    from rlhf_lab.demo import final_run_config
+    from rlhf_lab.runs.builder import BudgetConfig, EvalConfig, build_run
+
     config = CompareConfig(**spec["config"])
     algorithm, seed = spec["algorithm"], spec["seed"]
     if spec.get("threads"):
@@ -270,79 +177,61 @@ def run_one(spec: dict) -> dict:
     start = time.perf_counter()
     L.seed_everything(seed, verbose=False)
 
-    demo = config.demo_config()
+    demo = dataclasses.replace(config.demo_config(), seed=seed)
     task = get_task(config.task)
     max_new_tokens = demo.max_new_tokens or task.max_new_tokens
-    prompts = task.rl_prompts(seed=config.base_seed)
+    prompts, eval_prompts = task.rl_prompts(seed=config.base_seed), task.eval_prompts()
     reward_fn = load_reward_source(base_dir)
-    gold_fn = CallableSource(task.gold_reward)
-
-    def measure(policy):
-        return measure_policy(policy, task.eval_prompts(), reward_fn, gold_fn, max_new_tokens,
-                              config.eval_samples_per_prompt, config.eval_seed)
-
     logger = run_logger_config(spec["logger"], spec["group"], algorithm, seed, task.name)
-    trainer_kw = dict(logger=logger, enable_progress_bar=False, limit_val_batches=0,
-                      run_config={"compare": config.identity(), "algorithm": algorithm, "seed": seed})
-    sft_dir = os.path.join(base_dir, "sft")
+    run_config = {"compare": config.identity(), "algorithm": algorithm, "seed": seed}
+    unit = "samples" if config.budget_unit == "samples" else "generated_tokens"
+    measure = dict(prompts=len(eval_prompts), greedy=False, samples_per_prompt=config.eval_samples_per_prompt,
+                   greedy_gold=True, seed=config.eval_seed, max_new_tokens=max_new_tokens)
     extra: dict = {}
-    if algorithm in OFFLINE_ALGORITHMS:  # dpo: sample the budget from SFT, rank by the proxy, train
-        policy = Policy.load(sft_dir, reference="copy")
+    if not get_algorithm(algorithm).online:  # dpo: sample the budget from SFT, rank by the proxy, train
+        sft = Policy.load(os.path.join(base_dir, "sft"))
+        batch = demo.final_config("ppo", max_new_tokens)  # the online algorithms' batches
         t0 = time.perf_counter()
         rows_p, rows_c, scores, samples, tokens = _sample_budget(
-            policy, prompts, reward_fn, config, demo.rl_shared, max_new_tokens, seed)
+            sft, prompts, reward_fn, config, batch.prompts_per_step, batch.samples_per_prompt, max_new_tokens, seed)
         pairs = rank_into_pairs(rows_p, rows_c, scores, random.Random(seed), config.dpo_max_pairs_per_prompt)
         if not pairs:
             raise RuntimeError(f"{name}: the {samples} SFT samples gave no preference pairs (every prompt's "
                                "responses scored alike); raise the budget")
-        stage_config, steps = demo.dpo, demo.dpo_steps
-        stage = DPO(policy, pairs, None, stage_config)
-        callback = BudgetEval(measure, lambda trainer, module: trainer.global_step,
-                              [steps * k / config.evals for k in range(1, config.evals + 1)],
-                              budget_of=lambda module: {"samples": samples, "generated_tokens": tokens},
-                              extra_seconds=time.perf_counter() - t0)
+        steps = demo.budget(algorithm)
+        fit_config = final_run_config(demo, algorithm, run_dir, base_dir, logger, progress=False,
+                                      evaluation=EvalConfig(every=steps / config.evals, axis="step", **measure))
+        run = build_run(fit_config, task=task, rows=(pairs, []), reward_fn=reward_fn, eval_prompts=eval_prompts,
+                        run_config=run_config, eval_kwargs=dict(
+                            budget_of=lambda module: {"samples": samples, "generated_tokens": tokens},
+                            extra_seconds=time.perf_counter() - t0, budget_prefix="compare", max_rows=0))
         extra = {"pairs": len(pairs)}
     else:
-        attr = "samples" if config.budget_unit == "samples" else "generated_tokens"
-        if algorithm == "online_dpo":
-            stage_config = dataclasses.replace(demo.online_dpo, max_new_tokens=max_new_tokens)
-            policy = Policy.load(sft_dir, reference="copy")
-            stage = OnlineDPO(policy, prompts, reward_fn, stage_config, gold_fn=gold_fn)
-            per_iteration, steps_per_iteration = 2 * min(stage_config.batch_size, len(prompts)), 1
-        else:
-            stage_config = demo.rl_config(algorithm, max_new_tokens)
-            critic = reward_fn.as_critic() if stage_config.baseline == "critic" else None
-            policy = Policy.load(sft_dir, reference="copy", critic=critic)
-            stage = OnlineRL(policy, prompts, reward_fn, stage_config, gold_fn=gold_fn)
-            per_iteration = min(stage_config.prompts_per_step, len(prompts)) * stage_config.samples_per_prompt
-            steps_per_iteration = stage_config.steps_per_iteration
-        # The callback stops the run; max_steps only bounds it (every response has ≥ 1 token).
-        steps = (math.ceil(config.budget / per_iteration) + 1) * steps_per_iteration
-        callback = BudgetEval(measure, lambda trainer, module: getattr(module.budget, attr), config.checkpoints,
-                              stop_at=config.budget,
-                              budget_of=lambda module: {"samples": module.budget.samples,
-                                                        "generated_tokens": module.budget.generated_tokens})
-    trainer = make_trainer(run_dir, algorithm, steps, callbacks=[callback], **trainer_kw)
-    trainer.fit(stage)
-    finish_loggers(trainer)
-    spent = callback.counter(trainer, stage)
-    if trainer.interrupted or (algorithm not in OFFLINE_ALGORITHMS and spent < config.budget):
+        fit_config = final_run_config(
+            demo, algorithm, run_dir, base_dir, logger, progress=False,
+            budget=BudgetConfig(amount=config.budget, unit=unit),
+            evaluation=EvalConfig(every=config.budget / config.evals, axis=unit, **measure))
+        run = build_run(fit_config, task=task, rows=(prompts, eval_prompts), reward_fn=reward_fn,
+                        run_config=run_config, eval_kwargs=dict(budget_prefix="compare", max_rows=0))
+    run.fit()
+    evaluator = run.evaluator
+    spent = evaluator.history[-1]["samples" if unit == "samples" else "generated_tokens"]
+    if run.trainer.interrupted or (get_algorithm(algorithm).online and spent < config.budget):
         # Lightning turns Ctrl-C and SIGTERM into exits; this guards any other early stop, so a
         # result.json always means a run that spent its budget.
         raise RuntimeError(f"{name} stopped at {spent} of its {config.budget} {config.budget_unit}; "
                            "re-run the command to train it again")
 
-    final = callback.history[-1]
-    policy.save(os.path.join(run_dir, "policy"),
-                extra={"stage": algorithm, "config": dataclasses.asdict(stage_config), "compare_seed": seed})
-    _write_json(os.path.join(run_dir, HISTORY_FILE), callback.history)
+    history = _history(evaluator.history)
+    final = history[-1]
+    _write_json(os.path.join(run_dir, HISTORY_FILE), history)
     result = {
         "run": name, "algorithm": algorithm, "seed": seed,
         "budget_unit": config.budget_unit, "budget": config.budget,
         "samples": final["samples"], "generated_tokens": final["generated_tokens"],
         "optimizer_steps": final["optimizer_steps"],
-        **{k: final[k] for k in ("gold_reward", "greedy_gold_reward", "proxy_reward", "kl", "response_length")},
-        "seconds": callback.train_seconds(), "eval_seconds": callback.eval_seconds,
+        **{k: final[k] for k in MEASURED},
+        "seconds": evaluator.train_seconds(), "eval_seconds": evaluator.eval_seconds,
         "total_seconds": time.perf_counter() - start,
         **extra,
         "threads": torch.get_num_threads(), "pid": os.getpid(),
@@ -415,7 +304,7 @@ def ensure_base(out: str, config: CompareConfig, logger: str = "csv", echo=print
     group = os.path.basename(os.path.normpath(out))
     log = LoggerConfig(kind=logger, group=group, tags=[f"task:{config.task}", "compare", "base"])
     base = build_base(base_dir, config.demo_config(), logger=log, run_config={"compare": config.identity()},
-                      progress=False, echo=echo, normalize_temperature=1.0)
+                      progress=False, echo=echo)
     info = {"summary": base.summary, "reward_shift": base.reward_fn.shift, "reward_scale": base.reward_fn.scale,
             "seconds": time.perf_counter() - start, "identity": config.identity()}
     _write_json(marker, info)

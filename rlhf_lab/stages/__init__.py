@@ -2,14 +2,15 @@
 
 from rlhf_lab.stages.dpo import DPO, DPOConfig, OnlineDPO
 from rlhf_lab.stages.lm import SFT, Pretrain, PretrainConfig, SFTConfig
-from rlhf_lab.stages.online import PPO, PRESETS, OnlineRL, OnlineRLConfig, PPOConfig
+from rlhf_lab.stages.online import PPO, OnlineRL, OnlineRLConfig, PPOConfig
 from rlhf_lab.stages.reward_model import RewardModel, RewardModelConfig
 
+# The stages by name (rlhf_lab.algorithms.STAGE_NAMES, the light table the CLI reads, is tested to
+# match). Algorithms (ppo, grpo, dpo, ...) are entries of that registry, each trained by one of these.
 STAGES = {
     "pretrain": (Pretrain, PretrainConfig),
     "sft": (SFT, SFTConfig),
     "reward_model": (RewardModel, RewardModelConfig),
-    "ppo": (PPO, PPOConfig),
     "online_rl": (OnlineRL, OnlineRLConfig),
     "dpo": (DPO, DPOConfig),
     "online_dpo": (OnlineDPO, DPOConfig),
@@ -25,6 +26,6 @@ def get_stage(name: str):
 
 __all__ = [
     "DPO", "DPOConfig", "OnlineDPO",
-    "OnlineRL", "OnlineRLConfig", "PPO", "PPOConfig", "PRESETS", "Pretrain", "PretrainConfig", "RewardModel", "RewardModelConfig",
+    "OnlineRL", "OnlineRLConfig", "PPO", "PPOConfig", "Pretrain", "PretrainConfig", "RewardModel", "RewardModelConfig",
     "SFT", "SFTConfig", "STAGES", "get_stage",
 ]

@@ -1,19 +1,27 @@
 """The online RL loop shared by PPO, REINFORCE, RLOO and GRPO (manual optimisation in Lightning).
 
 The algorithms differ only in a few orthogonal knobs of `OnlineRLConfig`, so a researcher can
-change one factor at a time; `PRESETS` names the usual combinations and nothing more. One
+change one factor at a time; the algorithm registry (`rlhf_lab.algorithms`) names the usual
+combinations as presets and nothing more. One
 training step is one iteration (Ouyang et al. 2022; Ziegler et al. 2019; Huang et al. 2024
 "The N+ implementation details of RLHF with PPO"; Ahmadian et al. 2024 "Back to Basics"):
 
 1. sample `samples_per_prompt` responses per prompt from the current policy (KV cache);
 2. score each (prompt, response) with the reward source (a reward model, usually);
 3. compute reference log-probs (and the critic's values when `baseline="critic"`), no gradients;
-4. per-token rewards: the score on the last response token, minus β·KL_t on every response
-   token when `kl_in="reward"` (with `kl_in="loss"` the KL is a loss term instead, as in GRPO);
+4. per-token rewards (`losses.shape_rewards`): the score on the last response token, minus
+   β·KL_t on every response token when `kl_in="reward"` (with `kl_in="loss"` the KL is a loss
+   term instead, `losses.kl_loss`, as in GRPO);
 5. advantages in the rollout buffer: GAE(γ, λ) from the critic, or a REINFORCE baseline on the
-   sequence return (`none`, `batch_mean`, `leave_one_out` = RLOO, `group_norm` = GRPO);
+   sequence return (`none`, `batch_mean`, `leave_one_out` = RLOO, `group_norm` = GRPO), the
+   group baselines grouping rows by the rollout's `group_ids`;
 6. `ppo_epochs` passes of shuffled minibatches of the policy-gradient loss (clipped when
-   `clip_ratio` is set), plus the clipped value loss when there is a critic.
+   `clip_ratio` is set), plus the clipped value loss when there is a critic, combined by
+   `losses.online_objective`; or, with `update="trpo"`, one trust-region step
+   (`rlhf_lab.optim.trpo_step`) on the same objective.
+
+The stage gathers tensors and calls `rlhf_lab.losses`; it computes no loss itself, and it does
+not evaluate itself (`val/` metrics come from `rlhf_lab.eval.EvalCallback`).
 """
 
 from __future__ import annotations
@@ -37,14 +45,16 @@ from rlhf_lab.losses import (
     FixedKLController,
     entropy_bonus,
     kl_k1,
-    kl_penalty,
+    kl_loss,
     masked_mean,
     mean_kl,
+    online_objective,
     ppo_policy_loss,
     ppo_value_loss,
+    shape_rewards,
     surrogate_loss,
-    trpo_step,
 )
+from rlhf_lab.optim import trpo_step
 from rlhf_lab.policy import Policy
 from rlhf_lab.rollout import Rollout, RolloutBuffer
 from rlhf_lab.stages.common import Budget
@@ -52,10 +62,14 @@ from rlhf_lab.stages.common import Budget
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
 
-
 @dataclass
 class OnlineRLConfig:
-    """Hyperparameters of one online RL run; the defaults are PPO's. Field names are DESIGN.md's knobs."""
+    """Hyperparameters of one online RL run; the defaults are PPO's. Field names are DESIGN.md's knobs.
+
+    A knob that has no effect in the chosen mode (`update`, `baseline`, `kl_target`) must stay at
+    its default: setting it is a ValueError that names the knob and the mode, never silently
+    ignored (see `_reject_inert_knobs`).
+    """
 
     algorithm: str = "ppo"  # a label for logs and summaries; set by `preset`, changes nothing else
     baseline: str = "critic"  # critic (GAE) | none | batch_mean | leave_one_out | group_norm
@@ -140,7 +154,47 @@ class OnlineRLConfig:
         check_positive("missing_eos_penalty", self.missing_eos_penalty, allow_zero=True)
         check_positive("max_grad_norm", self.max_grad_norm)
         check_positive("weight_decay", self.weight_decay, allow_zero=True)
+        self._reject_inert_knobs()
 
+    def _reject_inert_knobs(self) -> None:
+        """Refuse a knob set away from its default in a mode where the code never reads it.
+
+        Each rule is what the loop does: the TRPO step optimises the unclipped token-level
+        surrogate (`surrogate_loss`) with no entropy or value term, and moves the policy outside
+        AdamW, so without a critic no optimiser setting reaches anything (with a separate critic
+        AdamW fits the critic alone, at `critic_lr` when set). The gradient update never reads the
+        trust-region settings. Only a critic reads GAE's `gamma`, `lam`, and the value loss's
+        `vf_coef`, `value_clip`, `critic_lr`. `kl_horizon` is the adaptive controller's, and that
+        controller scales β multiplicatively, so with `kl_coef=0` it stays 0 and `kl_target` acts
+        on nothing. Not refused: `ratio_level` with `clip_ratio=None` (the token and sequence
+        ratios give different gradients once the policy has moved from the sampling policy, i.e.
+        after the first minibatch, or on replayed rollouts).
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+
+        def inert(names: tuple[str, ...], mode: str) -> None:
+            for name in names:
+                value = getattr(self, name)
+                if value != defaults[name]:
+                    raise ValueError(f"{name} has no effect with {mode} (got {value!r}); "
+                                     "leave it at its default")
+
+        if self.update == "trpo":
+            inert(("clip_ratio", "ratio_level", "aggregation", "entropy_coef", "vf_coef"), "update='trpo'")
+            if self.baseline != "critic":
+                inert(("lr", "weight_decay", "max_grad_norm", "ppo_epochs", "minibatches"),
+                      f"update='trpo' and baseline={self.baseline!r} (no critic to fit)")
+            elif self.critic_lr is not None:
+                inert(("lr",), "update='trpo' and critic_lr set (AdamW fits only the critic)")
+        else:
+            inert(("max_kl", "cg_iters", "cg_damping", "line_search_steps"), f"update={self.update!r}")
+        if self.baseline != "critic":
+            inert(("gamma", "lam", "vf_coef", "value_clip", "critic_lr"), f"baseline={self.baseline!r}")
+        if self.kl_target is None:
+            inert(("kl_horizon",), "kl_target=None (a fixed KL coefficient)")
+        elif self.kl_coef == 0:
+            raise ValueError(f"kl_target has no effect with kl_coef=0 (got {self.kl_target!r}): the adaptive "
+                             "controller scales β multiplicatively, so it stays 0; leave it at its default")
 
     @property
     def steps_per_iteration(self) -> int:
@@ -156,25 +210,14 @@ class OnlineRLConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> OnlineRLConfig:
-        """The named defaults of `PRESETS`, with `overrides` on top."""
-        check_choice("preset", name, PRESETS)
-        return cls(**{"algorithm": name, **PRESETS[name], **overrides})
+        """The config of online RL algorithm `name` of the registry (`rlhf_lab.algorithms`): its
+        preset knobs, with `overrides` on top."""
+        from rlhf_lab.algorithms import ALGORITHMS, get_algorithm
 
+        online = [n for n, a in ALGORITHMS.items() if a.stage == "online_rl"]
+        check_choice("preset", name, online)
+        return get_algorithm(name).config(**overrides)
 
-# Named defaults of the knobs and nothing more (Schulman et al. 2017; Williams 1992;
-# Ahmadian et al. 2024; Shao et al. 2024).
-PRESETS: dict[str, dict] = {
-    "ppo": dict(baseline="critic", clip_ratio=0.2, ppo_epochs=4, minibatches=2, kl_in="reward"),
-    "reinforce": dict(baseline="batch_mean", clip_ratio=None, ppo_epochs=1, minibatches=1,
-                      kl_in="reward", whiten_advantages=False),
-    "rloo": dict(baseline="leave_one_out", samples_per_prompt=4, clip_ratio=None, ppo_epochs=1,
-                 minibatches=1, kl_in="reward", whiten_advantages=False),
-    "trpo": dict(baseline="leave_one_out", samples_per_prompt=4, update="trpo", kl_in="reward",
-                 whiten_advantages=True, minibatches=1, ppo_epochs=1),
-    "grpo": dict(baseline="group_norm", samples_per_prompt=4, clip_ratio=0.2, ppo_epochs=1,
-                 minibatches=1, kl_in="loss", kl_estimator="k3", kl_coef=0.04,
-                 aggregation="seq_mean", whiten_advantages=False),
-}
 
 # The PPO preset is the config's default, so PPOConfig() is a PPO run.
 PPOConfig = OnlineRLConfig
@@ -190,11 +233,12 @@ class OnlineRL(L.LightningModule):
         prompts: the RL prompt set; one epoch of the train loader is one pass over it.
         reward_fn: the proxy reward source, `(prompts, completions) -> Tensor (B,)`.
         gold_fn: optional gold judge logged beside the proxy (`train/gold_reward`).
-        val_prompts: prompts for greedy evaluation (`val/reward`, `val/gold_reward`, `val/kl`).
         replay: a saved `RolloutBuffer` (with `scores`) to train on instead of sampling: every
             iteration re-reads the same rollouts, so one fixed set of samples can go through
-            PPO, RLOO, GRPO and REINFORCE for a controlled ablation. Its rows must come in
-            groups of `samples_per_prompt`.
+            PPO, RLOO, GRPO and REINFORCE for a controlled ablation. The group baselines group
+            its rows by their `group_ids`.
+
+    The stage does not evaluate itself: `val/` metrics come from `rlhf_lab.eval.EvalCallback`.
     """
 
     config_class = OnlineRLConfig
@@ -206,7 +250,6 @@ class OnlineRL(L.LightningModule):
         reward_fn: RewardFn,
         config: OnlineRLConfig | None = None,
         gold_fn: RewardFn | None = None,
-        val_prompts: list[str] | None = None,
         replay: RolloutBuffer | None = None,
     ):
         super().__init__()
@@ -221,15 +264,18 @@ class OnlineRL(L.LightningModule):
             raise ValueError("update='trpo' with baseline='critic' needs a separate critic model: a value "
                              "head would share the trunk that the trust-region step moves")
         self.policy = policy.disable_dropout()
-        self.prompts, self.val_prompts = list(prompts), list(val_prompts or [])
+        self.prompts = list(prompts)
         self.replay = replay
         if replay is not None:
             data = replay.data
             if data.scores is None:
                 raise ValueError("replay buffer has no scores: save rollouts after they were scored")
-            if len(data) % self.config.samples_per_prompt:
-                raise ValueError(f"replay buffer has {len(data)} rows, not a multiple of "
-                                 f"samples_per_prompt={self.config.samples_per_prompt}")
+            if self.config.baseline != "critic":
+                if data.group_ids is None:
+                    raise ValueError("replay buffer has no group_ids: save rollouts from Policy.generate")
+                # Fail now, not at the first step, if the baseline cannot use these groups
+                # (e.g. leave_one_out with a group of one sample).
+                BASELINES[self.config.baseline](data.scores.float(), data.group_ids)
         self.reward_fn, self.gold_fn = reward_fn, gold_fn
         c = self.config
         self.kl_ctl = (
@@ -239,7 +285,7 @@ class OnlineRL(L.LightningModule):
         )
         self.buffer = RolloutBuffer(policy.tokenizer.pad_token_id)
         self.budget = Budget()
-        self.history: list[dict] = []  # one row of metrics per iteration, for plots and summaries
+        self.history: list[dict] = []  # one row of train metrics per iteration, for plots and summaries
         self.automatic_optimization = False
         self.save_hyperparameters({"stage": "online_rl", **asdict(c)})
 
@@ -266,23 +312,15 @@ class OnlineRL(L.LightningModule):
         algorithm builds its own rewards and advantages from them.
         """
         c, policy = self.config, self.policy
-        device = rollout.input_ids.device
-        scores = rollout.scores
-        if c.missing_eos_penalty:
-            scores = scores - c.missing_eos_penalty * (~rollout.ended_with_eos).float()
         ids, attn = rollout.input_ids, rollout.attention_mask
-        mask = rollout.response_mask.float()
         if rollout.ref_logprobs is None:
             rollout.ref_logprobs = policy.ref_logprobs(ids, attn, c.temperature)
         if c.baseline == "critic":
-            rollout.values = policy.values(ids, attn) * mask
-        rewards = torch.zeros_like(mask)
-        if c.kl_in == "reward":
-            rewards -= self.kl_ctl.value * kl_penalty(rollout.logprobs, rollout.ref_logprobs, c.kl_estimator) * mask
-        # The sequence score lands on the last response token (EOS, or the last one sampled).
-        last = (mask * torch.arange(mask.shape[1], device=device)).argmax(dim=1)
-        rewards[torch.arange(len(rollout), device=device), last] += scores
-        rollout.rewards = rewards
+            rollout.values = policy.values(ids, attn) * rollout.response_mask.float()
+        rollout.rewards = shape_rewards(
+            rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
+            kl_coef=self.kl_ctl.value, kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in == "reward",
+            ended_with_eos=rollout.ended_with_eos, missing_eos_penalty=c.missing_eos_penalty)
         return rollout
 
     # ------------------------------------------------------------------ update
@@ -296,8 +334,7 @@ class OnlineRL(L.LightningModule):
         self.buffer.clear()
         self.buffer.add(rollout)
         estimator = "gae" if c.baseline == "critic" else c.baseline
-        rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam,
-                                                 group_size=c.samples_per_prompt, whiten=c.whiten_advantages)
+        rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages)
         if c.update == "trpo":
             self._log_iteration(rollout, self._trpo_update(rollout, optimizer), c.steps_per_iteration)
             return
@@ -314,27 +351,24 @@ class OnlineRL(L.LightningModule):
                 logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_ratio=c.clip_ratio,
                 ratio_level=c.ratio_level, aggregation=c.aggregation)
             ent, _ = entropy_bonus(entropy, mb.response_mask)
-            loss = policy_loss - c.entropy_coef * ent
-            terms = {"policy_loss": policy_loss, "entropy": ent, "clipfrac": pm["clipfrac"],
-                     "approx_kl": pm["approx_kl"]}
+            value_loss = kl_term = None
             if c.baseline == "critic":
                 value_loss, _ = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask,
                                                clip_value=c.value_clip)
-                loss = loss + c.vf_coef * value_loss
-                terms["value_loss"] = value_loss
             if c.kl_in == "loss":
                 # GRPO puts the KL in the loss (Shao et al. 2024), with gradients through logprobs.
-                kl_term = masked_mean(kl_penalty(logprobs, mb.ref_logprobs, c.kl_estimator), mb.response_mask)
-                loss = loss + self.kl_ctl.value * kl_term
-                terms["kl_loss"] = kl_term
+                kl_term, _ = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, c.kl_estimator)
+            loss, terms = online_objective(
+                policy_loss, ent, value_loss, kl_term, entropy_coef=c.entropy_coef,
+                vf_coef=c.vf_coef if value_loss is not None else 0.0,
+                kl_coef=self.kl_ctl.value if kl_term is not None else 0.0)
             optimizer.zero_grad()
             self.manual_backward(loss)
             self._clip_per_group(optimizer)
             optimizer.step()
             n_updates += 1
-            terms["loss"] = loss
-            for key, value in terms.items():
-                sums[key] += float(value.detach())
+            for key, value in {**terms, "clipfrac": pm["clipfrac"], "approx_kl": pm["approx_kl"]}.items():
+                sums[key] += float(value)
         self._log_iteration(rollout, {k: v / n_updates for k, v in sums.items()}, n_updates)
 
     def _trpo_update(self, data: Rollout, optimizer) -> dict[str, float]:
@@ -356,11 +390,11 @@ class OnlineRL(L.LightningModule):
 
         def loss_fn() -> torch.Tensor:
             logprobs = self.policy.logprobs(ids, attn, c.temperature)
-            loss, _ = surrogate_loss(logprobs, data.logprobs, data.advantages, mask)
-            if c.kl_in == "loss":
-                loss = loss + self.kl_ctl.value * masked_mean(
-                    kl_penalty(logprobs, data.ref_logprobs, c.kl_estimator), mask)
-            return loss
+            policy_loss, _ = surrogate_loss(logprobs, data.logprobs, data.advantages, mask)
+            if c.kl_in != "loss":
+                return online_objective(policy_loss)[0]
+            kl_term, _ = kl_loss(logprobs, data.ref_logprobs, mask, c.kl_estimator)
+            return online_objective(policy_loss, kl_term=kl_term, kl_coef=self.kl_ctl.value)[0]
 
         def kl_fn() -> torch.Tensor:
             return mean_kl(self.policy.logprobs(ids, attn, c.temperature), data.logprobs, mask)
@@ -420,24 +454,6 @@ class OnlineRL(L.LightningModule):
             self.log(key, value, prog_bar=key in bar, batch_size=len(rollout))
         self.history.append({"iteration": len(self.history) + 1, **metrics})
 
-    # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
-    def validation_step(self, prompts: list[str], batch_idx: int) -> None:
-        rollout = self.policy.generate(prompts, max_new_tokens=self.config.max_new_tokens, greedy=True)
-        mask = rollout.response_mask.float()
-        ref = self.policy.ref_logprobs(rollout.input_ids, rollout.attention_mask)
-        n = len(rollout)
-        self.log("val/reward", self.reward_fn(rollout.prompts, rollout.completions).float().mean(), batch_size=n)
-        self.log("val/kl", (kl_k1(rollout.logprobs, ref) * mask).sum(dim=1).mean(), batch_size=n)
-        if self.gold_fn is not None:
-            gold = self.gold_fn(rollout.prompts, rollout.completions).float().mean()
-            self.log("val/gold_reward", gold, prog_bar=True, batch_size=n)
-
-    def on_validation_epoch_end(self) -> None:
-        if self.history and not self.trainer.sanity_checking:
-            m = self.trainer.callback_metrics
-            self.history[-1].update({k: float(m[k]) for k in ("val/reward", "val/gold_reward", "val/kl") if k in m})
-
     # ------------------------------------------------------------------ wiring
     def _clip_per_group(self, optimizer) -> None:
         """Clip each parameter group's gradient norm on its own.
@@ -463,11 +479,6 @@ class OnlineRL(L.LightningModule):
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.prompts, batch_size=self.config.prompts_per_step, shuffle=True,
                           collate_fn=list, drop_last=len(self.prompts) >= self.config.prompts_per_step)
-
-    def val_dataloader(self) -> DataLoader | list:
-        if not self.val_prompts:
-            return []
-        return DataLoader(self.val_prompts, batch_size=256, collate_fn=list)
 
 
 # PPO is the online loop at its default (PPO) preset.

@@ -35,5 +35,5 @@ def test_identity_ignores_algorithms_and_seeds_but_not_the_budget_or_the_base():
     assert a != CompareConfig(algorithms="ppo", seeds=1, budget=999).identity()
     assert a != CompareConfig(algorithms="ppo", seeds=1, base_seed=1).identity()
     # The resolved demo settings are part of it: the base's budgets and every algorithm's knobs.
-    assert a["demo"]["rl_overrides"]["ppo"]["ppo_epochs"] == 2
+    assert a["settings"]["ppo"]["ppo_epochs"] == 2 and a["settings"]["grpo"]["kl_coef"] == 0.1
     assert CompareConfig(quick=True).demo_config().pretrain_steps == 40

@@ -16,7 +16,7 @@ import torch
 
 from rlhf_lab.compare.config import CompareConfig
 from rlhf_lab.compare.report import METRICS, PLOTS
-from rlhf_lab.compare.runner import BudgetEval, CompareConfigError, run_compare, run_logger_config
+from rlhf_lab.compare.runner import CompareConfigError, run_compare, run_logger_config
 from rlhf_lab.compare.stats import mean_ci
 
 ALGS, SEEDS = "ppo,dpo", 2
@@ -28,47 +28,7 @@ def _config(**kw):
 
 
 # ---------------------------------------------------------------------------------- fast
-class _Module(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.policy = "the policy"
-        self.budget = SimpleNamespace(samples=0)
-
-
-def test_budget_eval_measures_at_each_checkpoint_once_and_stops_at_the_budget():
-    trainer = SimpleNamespace(global_step=0, should_stop=False, loggers=[], is_global_zero=True)
-    module = _Module()
-    seen = []
-
-    def measure(policy):
-        seen.append(module.budget.samples)
-        return {"gold_reward": 0.0}
-
-    cb = BudgetEval(measure, lambda t, m: m.budget.samples, [100, 200, 300], stop_at=300,
-                    budget_of=lambda m: {"samples": m.budget.samples})
-    cb.on_train_start(trainer, module)
-    for _ in range(5):  # 64 samples per iteration: 64, 128, 192, 256, 320
-        module.budget.samples += 64
-        trainer.global_step += 1
-        cb.on_train_batch_end(trainer, module, None, None, 0)
-    cb.on_train_end(trainer, module)  # the last batch was just measured: no second row
-    assert seen == [0, 128, 256, 320]
-    assert [r["checkpoint"] for r in cb.history] == [0, 1, 2, 3]
-    assert trainer.should_stop
-    assert module.training  # the module's train/eval flags are restored after each measurement
-
-
-def test_one_batch_past_two_checkpoints_measures_once_under_the_later_one():
-    trainer = SimpleNamespace(global_step=0, should_stop=False, loggers=[], is_global_zero=True)
-    module = _Module()
-    cb = BudgetEval(lambda p: {}, lambda t, m: m.budget.samples, [50, 100, 150])
-    cb.on_train_start(trainer, module)
-    module.budget.samples, trainer.global_step = 120, 1
-    cb.on_train_batch_end(trainer, module, None, None, 0)
-    assert [r["checkpoint"] for r in cb.history] == [0, 2]
-    assert not trainer.should_stop  # no stop_at
-
-
+# (EvalCallback's budget axis, stop and checkpoints: tests/eval/test_callback.py)
 def test_each_run_is_its_own_wandb_run_in_the_comparisons_group():
     a = run_logger_config("wandb", "cmp", "grpo", 2, "arithmetic")
     b = run_logger_config("wandb", "cmp", "grpo", 1, "arithmetic")

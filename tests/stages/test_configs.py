@@ -43,5 +43,5 @@ def test_ppo_config_fields(field, value, message):
 def test_unknown_stage_name():
     with pytest.raises(ValueError, match="unknown stage name 'dpo_typo'; choose from: pretrain, sft"):
         get_stage("dpo_typo")
-    stage_cls, config_cls = get_stage("ppo")
+    stage_cls, config_cls = get_stage("online_rl")
     assert stage_cls.config_class is config_cls

@@ -44,8 +44,10 @@ PROGRESS_BAR = {
     "pretrain": {"train/loss", "val/loss"},
     "sft": {"train/loss", "val/loss"},
     "reward_model": {"train/loss", "train/accuracy", "val/accuracy"},
-    "ppo": {"train/reward", "train/gold_reward", "train/kl", "val/gold_reward"},
-    "reinforce": {"train/reward", "train/gold_reward", "train/kl", "val/gold_reward"},
+    # The online stages no longer evaluate themselves: val/ comes from EvalCallback, logged to the
+    # loggers (test_ppo_reinforce_and_dpo_share_metric_names), not to the progress bar.
+    "ppo": {"train/reward", "train/gold_reward", "train/kl"},
+    "reinforce": {"train/reward", "train/gold_reward", "train/kl"},
     "dpo": {"train/loss", "train/reward_accuracy", "val/loss", "val/reward_accuracy"},
     "online_dpo": {"train/loss", "train/reward_accuracy", "train/reward", "train/gold_reward", "train/kl"},
 }
@@ -67,7 +69,7 @@ def _stage(name, make_policy, task):
         config = OnlineRLConfig.preset(name, **rl)
         policy = make_policy(scalar_head=name == "ppo", reference="copy")
         return OnlineRL(policy, task.rl_prompts(), CallableSource(_chars), config,
-                        gold_fn=CallableSource(task.gold_reward), val_prompts=task.eval_prompts()[:8]), \
+                        gold_fn=CallableSource(task.gold_reward)), \
             3 * config.steps_per_iteration
     if name == "dpo":
         return DPO(make_policy(reference="copy"), _pairs(task), _pairs(task, 4), DPOConfig(batch_size=4, lr=1e-3)), 3
@@ -105,7 +107,7 @@ def reference_policy(tokenizer):
 
 @pytest.mark.parametrize("name", ["ppo", "reinforce", "dpo"])
 def test_ppo_reinforce_and_dpo_share_metric_names(name, make_policy, task, tmp_path, reference_policy):
-    callback = EvalCallback(task.eval_prompts()[:8], every_n_steps=0, reward_fn=_chars, gold_fn=task.gold_reward,
+    callback = EvalCallback(task.eval_prompts()[:8], every=0, reward_fn=_chars, gold_fn=task.gold_reward,
                             reference=reference_policy, max_new_tokens=4, at_start=True)
     _, keys, rows = _fit(name, make_policy, task, tmp_path, [callback])
     assert SHARED <= keys, SHARED - keys

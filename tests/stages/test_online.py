@@ -2,14 +2,19 @@
 
 import csv
 import dataclasses
+import re
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from rlhf_lab.algorithms import ALGORITHMS
 from rlhf_lab.rewards import CallableSource
-from rlhf_lab.stages import PRESETS, OnlineRL, OnlineRLConfig
+from rlhf_lab.stages import OnlineRL, OnlineRLConfig
+
+# The online RL algorithms of the registry and their preset knobs.
+PRESETS = {name: dict(a.preset) for name, a in ALGORITHMS.items() if a.stage == "online_rl"}
 
 
 def _chars(prompts, completions):
@@ -18,6 +23,14 @@ def _chars(prompts, completions):
 
 SMALL = dict(lr=3e-3, prompts_per_step=4, samples_per_prompt=2, max_new_tokens=6, minibatches=1, ppo_epochs=2,
              kl_coef=0.1)
+# TRPO without a critic moves the policy outside AdamW: SMALL's optimiser knobs would be refused.
+TRPO_SMALL = {k: v for k, v in SMALL.items() if k not in ("lr", "minibatches", "ppo_epochs")}
+
+
+def _small(preset):
+    """SMALL's knobs the preset neither sets itself nor leaves without effect."""
+    small = TRPO_SMALL if PRESETS[preset].get("update") == "trpo" else SMALL
+    return {k: v for k, v in small.items() if k not in PRESETS[preset]}
 
 
 def _run(make_policy, task, tmp_path, config, iterations=1, name="run"):
@@ -50,7 +63,7 @@ def test_presets_are_only_defaults():
     grpo = OnlineRLConfig.preset("grpo")
     assert (grpo.baseline, grpo.kl_in, grpo.kl_estimator, grpo.samples_per_prompt) == ("group_norm", "loss", "k3", 4)
     assert OnlineRLConfig.preset("rloo", samples_per_prompt=8).samples_per_prompt == 8
-    # A preset is the default config with its PRESETS entry applied, nothing else.
+    # A preset is the default config with its registry entry's knobs applied, nothing else.
     for name, knobs in PRESETS.items():
         config = OnlineRLConfig.preset(name)
         default = OnlineRLConfig(**{**knobs, "algorithm": name})
@@ -84,7 +97,7 @@ SHARED = {"train/loss", "train/reward", "train/gold_reward", "train/kl", "train/
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_runs_and_logs_the_shared_names(make_policy, task, tmp_path, preset):
-    config = OnlineRLConfig.preset(preset, **{k: v for k, v in SMALL.items() if k not in PRESETS[preset]})
+    config = OnlineRLConfig.preset(preset, **_small(preset))
     _, rows, stage = _run(make_policy, task, tmp_path, config, iterations=2)
     keys = {k for r in rows for k, v in r.items() if v}
     assert SHARED <= keys
@@ -125,7 +138,7 @@ def test_adaptive_kl_coef_moves_with_the_observed_kl(make_policy, task, tmp_path
 
 @pytest.mark.parametrize("max_kl", [1e-3, 1e-2])
 def test_trpo_step_stays_inside_the_kl_bound(make_policy, task, tmp_path, max_kl):
-    config = OnlineRLConfig.preset("trpo", **{**SMALL, "samples_per_prompt": 4, "max_kl": max_kl})
+    config = OnlineRLConfig.preset("trpo", **{**TRPO_SMALL, "samples_per_prompt": 4, "max_kl": max_kl})
     before = torch.cat([p.detach().flatten().clone() for p in make_policy(seed=0).model.parameters()])
     after, rows, stage = _run(make_policy, task, tmp_path, config, iterations=2, name=f"trpo-{max_kl}")
     achieved = [float(r["train/approx_kl"]) for r in rows if r.get("train/approx_kl")]
@@ -136,7 +149,7 @@ def test_trpo_step_stays_inside_the_kl_bound(make_policy, task, tmp_path, max_kl
 
 
 def test_trpo_max_kl_changes_the_update(make_policy, task, tmp_path):
-    runs = [_run(make_policy, task, tmp_path, OnlineRLConfig.preset("trpo", **{**SMALL, "samples_per_prompt": 4,
+    runs = [_run(make_policy, task, tmp_path, OnlineRLConfig.preset("trpo", **{**TRPO_SMALL, "samples_per_prompt": 4,
                                                                             "max_kl": m}), name=f"kl{m}")[0]
             for m in (1e-4, 1e-2)]
     start = torch.cat([p.detach().flatten() for p in make_policy(seed=0).model.parameters()])
@@ -189,17 +202,24 @@ def test_replaying_one_saved_buffer_through_different_losses(make_policy, task, 
             assert not torch.allclose(moved[a], moved[b]), (a, b)
 
 
-def test_replay_needs_scores_and_whole_groups(make_policy, task, tmp_path):
+def test_replay_needs_scores_and_groups_the_baseline_can_use(make_policy, task, tmp_path):
     from rlhf_lab.rollout import RolloutBuffer
 
     sampler = OnlineRL(make_policy(seed=0, reference="copy"), task.rl_prompts(), CallableSource(_chars),
                        OnlineRLConfig(**{**SMALL, "baseline": "batch_mean", "samples_per_prompt": 1}))
     rollout = sampler.make_rollout(task.rl_prompts()[:3])
+    assert rollout.group_ids.tolist() == [0, 1, 2]  # one sample per prompt
     buffer = RolloutBuffer(0)
     buffer.add(rollout)
-    with pytest.raises(ValueError, match="not a multiple of samples_per_prompt=2"):
+    # RLOO's baseline is the rest of the group: a group of one sample has none.
+    with pytest.raises(ValueError, match="leave_one_out needs >= 2 samples in every group"):
         OnlineRL(make_policy(reference="copy"), [], CallableSource(_chars), OnlineRLConfig.preset("rloo", samples_per_prompt=2),
                  replay=buffer)
+    ungrouped = RolloutBuffer(0)
+    ungrouped.add(dataclasses.replace(rollout, group_ids=None))
+    with pytest.raises(ValueError, match="no group_ids"):
+        OnlineRL(make_policy(reference="copy"), [], CallableSource(_chars), OnlineRLConfig.preset("reinforce"),
+                 replay=ungrouped)
     unscored = RolloutBuffer(0)
     unscored.add(dataclasses.replace(rollout, scores=None))
     with pytest.raises(ValueError, match="no scores"):
@@ -216,3 +236,74 @@ def test_config_accepts_a_name_added_to_a_registry(monkeypatch):
     monkeypatch.setitem(BASELINES, "zero", BASELINES["none"])
     config = OnlineRLConfig(aggregation="sum", baseline="zero")
     assert (config.aggregation, config.baseline) == ("sum", "zero")
+
+
+# ------------------------------------------------------------------ knobs without an effect
+# (knob, value, the other knobs that choose the mode): one row per knob the mode never reads.
+_TRPO = {"update": "trpo", "baseline": "leave_one_out", "samples_per_prompt": 4}
+_TRPO_CRITIC = {"update": "trpo", "baseline": "critic"}
+INERT = [
+    *[(knob, value, _TRPO_CRITIC, "update='trpo'") for knob, value in
+      [("clip_ratio", 0.3), ("clip_ratio", None), ("ratio_level", "sequence"), ("aggregation", "seq_mean"),
+       ("entropy_coef", 0.01), ("vf_coef", 1.0)]],
+    *[(knob, value, _TRPO, "update='trpo' and baseline='leave_one_out'") for knob, value in
+      [("lr", 1e-3), ("weight_decay", 0.1), ("max_grad_norm", 0.5), ("ppo_epochs", 2), ("minibatches", 4)]],
+    ("lr", 1e-3, {**_TRPO_CRITIC, "critic_lr": 1e-3}, "update='trpo' and critic_lr set"),
+    *[(knob, value, {}, "update='gradient'") for knob, value in
+      [("max_kl", 0.05), ("cg_iters", 5), ("cg_damping", 0.01), ("line_search_steps", 3)]],
+    *[(knob, value, {"baseline": baseline, "samples_per_prompt": 2}, f"baseline='{baseline}'")
+      for baseline in ("none", "batch_mean", "leave_one_out", "group_norm")
+      for knob, value in [("gamma", 0.99), ("lam", 1.0), ("vf_coef", 0.1), ("value_clip", None),
+                          ("critic_lr", 1e-3)]],
+    ("kl_horizon", 500, {}, "kl_target=None"),
+    ("kl_target", 6.0, {"kl_coef": 0.0}, "kl_coef=0"),
+]
+
+
+@pytest.mark.parametrize("knob, value, mode, named", INERT,
+                         ids=[f"{k}={v}-{'-'.join(f'{a}={b}' for a, b in m.items())}" for k, v, m, _ in INERT])
+def test_a_knob_without_an_effect_is_refused(knob, value, mode, named):
+    with pytest.raises(ValueError, match=rf"^{knob} has no effect with {re.escape(named)}.*leave it at its default"):
+        OnlineRLConfig(**{**mode, knob: value})
+    # The same mode with the knob at its default is fine.
+    OnlineRLConfig(**mode)
+
+
+def test_knobs_that_do_act_are_accepted():
+    # ratio_level acts without clipping (token vs sequence ratio differ once the policy moves),
+    # so it is not refused; the optimiser knobs fit the critic under TRPO with a critic.
+    OnlineRLConfig(clip_ratio=None, ratio_level="sequence")
+    OnlineRLConfig(update="trpo", baseline="critic", lr=1e-3, weight_decay=0.1, max_grad_norm=0.5, ppo_epochs=2,
+                   minibatches=4, value_clip=None, gamma=0.99, lam=1.0, max_kl=0.05)
+    OnlineRLConfig(kl_target=6.0, kl_horizon=500)
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_each_preset_constructs_cleanly(preset):
+    # A preset that set a knob its own mode never reads would raise here.
+    config = OnlineRLConfig.preset(preset)
+    assert config.algorithm == preset
+    assert all(getattr(config, knob) == value for knob, value in PRESETS[preset].items())
+
+
+def test_the_stage_does_not_evaluate_itself(make_policy, task):
+    # val/ metrics come from EvalCallback only; the stage has no validation loop of its own.
+    stage = OnlineRL(make_policy(reference="copy"), task.rl_prompts(), CallableSource(_chars),
+                     OnlineRLConfig(**{**SMALL, "baseline": "batch_mean"}))
+    for name in ("validation_step", "on_validation_epoch_end", "val_dataloader"):
+        assert getattr(type(stage), name) is getattr(L.LightningModule, name)
+    with pytest.raises(TypeError, match="val_prompts"):
+        OnlineRL(make_policy(reference="copy"), task.rl_prompts(), CallableSource(_chars), val_prompts=["x"])
+
+
+def test_annotate_builds_the_rewards_with_shape_rewards(make_policy, task):
+    from rlhf_lab.losses import shape_rewards
+
+    config = OnlineRLConfig(**{**SMALL, "baseline": "batch_mean", "missing_eos_penalty": 1.0, "kl_estimator": "k2"})
+    stage = OnlineRL(make_policy(reference="copy"), task.rl_prompts(), CallableSource(_chars), config)
+    torch.manual_seed(0)
+    rollout = stage.make_rollout(task.rl_prompts()[:4])
+    expected = shape_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
+                             kl_coef=0.1, kl_estimator="k2", ended_with_eos=rollout.ended_with_eos,
+                             missing_eos_penalty=1.0)
+    assert torch.equal(rollout.rewards, expected)

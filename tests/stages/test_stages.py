@@ -9,6 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
 
+from rlhf_lab.eval import EvalCallback
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards import CallableSource
 from rlhf_lab.stages import (
@@ -24,9 +25,10 @@ from rlhf_lab.stages import (
 from rlhf_lab.stages.common import SavePolicy
 
 
-def _fit(stage, tmp_path, name, max_steps, **kw):
+def _fit(stage, tmp_path, name, max_steps, callbacks=(), **kw):
     trainer = L.Trainer(max_steps=max_steps, max_epochs=-1, logger=CSVLogger(str(tmp_path), name=name, version=""),
-                        callbacks=[SavePolicy(str(tmp_path / name / "checkpoint"))], enable_checkpointing=False,
+                        callbacks=[SavePolicy(str(tmp_path / name / "checkpoint")), *callbacks],
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1,
                         accelerator="cpu", num_sanity_val_steps=0, **kw)
     trainer.fit(stage)
@@ -78,6 +80,39 @@ def test_sft_trains_on_completion_tokens_only(make_policy, task, tmp_path):
     _assert_checkpoint(tmp_path / "sft" / "checkpoint")
 
 
+def test_lm_val_perplexity_is_token_weighted_over_whole_rows(make_policy, task):
+    _, val = task.sft_pairs()
+    policy = make_policy()
+    with torch.no_grad():  # sharper logits: per-token NLLs differ, so the way of averaging shows
+        policy.model.transformer.ln_f.weight.mul_(20.0)
+    answers = ["1", "2 3 4 5 6 7 8 9 10 11 12 13 14", "3", "4 5", "6"]
+    rows = [{"prompt": r["prompt"], "completion": a} for r, a in zip(val[:5], answers, strict=True)]
+    # max_length=16 cuts training rows, but the 10-token prompt + 25-token answer row is scored whole.
+    stage = SFT(policy, rows, rows, SFTConfig(batch_size=3, max_length=16))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    out = trainer.validate(stage, verbose=False)[0]
+    tok = policy.tokenizer
+    nll, count, batch_means = 0.0, 0, []
+    for start in (0, 3):  # the validation batches: rows 0-2 and 3-4
+        b_nll, b_count = 0.0, 0
+        for row in rows[start:start + 3]:
+            prompt = tok(row["prompt"], add_special_tokens=False)["input_ids"]
+            target = tok(row["completion"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            ids = torch.tensor([prompt + target])
+            with torch.no_grad():
+                logp = policy.logprobs(ids, torch.ones_like(ids))[0]
+            b_nll -= float(logp[len(prompt):].sum())  # every answer token and the EOS
+            b_count += len(target)
+        nll, count = nll + b_nll, count + b_count
+        batch_means.append(b_nll / b_count)
+    assert count > 25  # the long answer counts in full
+    assert out["val/loss"] == pytest.approx(nll / count, rel=1e-5)
+    assert out["val/perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
+    # What a mean of per-batch means would have reported instead (batches of 3 and 2 rows):
+    assert out["val/loss"] != pytest.approx((3 * batch_means[0] + 2 * batch_means[1]) / 5, rel=1e-3)
+
+
 def test_reward_model_smoke(make_policy, task, tmp_path):
     train, _ = task.sft_pairs()
     rows = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": " 42"} for r in train]
@@ -111,8 +146,7 @@ def _chars(prompts, completions):
 def _ppo(policy, task, **overrides):
     config = PPOConfig(**{**dict(lr=3e-3, prompts_per_step=16, samples_per_prompt=2, max_new_tokens=4,
                                  minibatches=2, ppo_epochs=2, kl_coef=0.01), **overrides})
-    return PPO(policy, task.rl_prompts(), CallableSource(_chars), config, gold_fn=CallableSource(_chars),
-               val_prompts=task.eval_prompts()[:8])
+    return PPO(policy, task.rl_prompts(), CallableSource(_chars), config, gold_fn=CallableSource(_chars))
 
 
 @pytest.mark.parametrize("critic", ["head", "separate"])
@@ -123,9 +157,14 @@ def test_ppo_smoke_raises_a_simple_reward(make_policy, task, tmp_path, critic):
         policy = make_policy(reference="copy", critic=make_policy(seed=1, scalar_head=True))
     stage = _ppo(policy, task)
     iterations = 12
-    _, rows = _fit(stage, tmp_path, "ppo", iterations * 2 * 2, val_check_interval=6, check_val_every_n_epoch=None)
+    # The val/ metrics come from the one evaluation path, EvalCallback, every 24 optimiser steps.
+    evaluator = EvalCallback(task.eval_prompts()[:8], every=24, reward_fn=CallableSource(_chars),
+                             gold_fn=CallableSource(_chars), max_new_tokens=4, at_start=True)
+    _, rows = _fit(stage, tmp_path, "ppo", iterations * 2 * 2, callbacks=[evaluator])
     keys = {k for r in rows for k, v in r.items() if v}
     assert PPO_METRICS | {"val/reward", "val/gold_reward", "val/kl"} <= keys
+    assert [h["step"] for h in evaluator.history] == [0, 24, 48]
+    assert evaluator.history[0]["val/kl"] == 0.0  # the start: the policy is its reference
     assert len(stage.history) == iterations
     assert _column(rows, "budget/samples")[-1] == iterations * 32
     assert _column(rows, "budget/optimizer_steps")[-1] == iterations * 4
