@@ -65,3 +65,59 @@ def no_network(monkeypatch):
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setattr(socket.socket, "connect", refuse)
     return attempts
+
+
+# A tabular softmax policy for the TRPO tests (tests/losses/test_trpo.py, tests/optim/test_trpo.py):
+# theta (S * A,) are the logits, reshaped (S, A).
+S, A, F64 = 3, 4, torch.float64
+
+
+def log_softmax_policy(theta: torch.Tensor) -> torch.Tensor:
+    """log pi(a | s) of the tabular policy, (S, A)."""
+    return torch.log_softmax(theta.view(S, A), dim=-1)
+
+
+class TRPOProblem:
+    """A fixed batch of "sampled" tokens from pi_old = softmax(theta_0) with advantages.
+
+    theta is the live parameter (starts at theta_0); loss_fn and kl_fn recompute from it, as
+    trpo_step requires. scale sets how peaked pi_old is (larger = more ill-conditioned Fisher).
+    """
+
+    def __init__(self, seed: int = 0, scale: float = 2.0, B: int = 6, T: int = 5) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        self.theta0 = torch.randn(S * A, generator=gen, dtype=F64) * scale
+        self.states = torch.randint(0, S, (B, T), generator=gen)
+        probs = log_softmax_policy(self.theta0).exp()
+        self.actions = torch.multinomial(probs[self.states.view(-1)], 1, generator=gen).view(B, T)
+        self.advantages = torch.randn(B, T, generator=gen, dtype=F64)
+        self.mask = torch.ones(B, T, dtype=F64)
+        self.mask[0, -2:] = 0  # a padded row end
+        self.old = self.logp(self.theta0).detach()
+        self.theta = self.theta0.clone().requires_grad_(True)
+
+    log_softmax = staticmethod(log_softmax_policy)
+
+    def logp(self, theta: torch.Tensor) -> torch.Tensor:
+        return log_softmax_policy(theta)[self.states, self.actions]
+
+    def loss_fn(self) -> torch.Tensor:
+        from rlhf_lab.losses import surrogate_loss
+
+        return surrogate_loss(self.logp(self.theta), self.old, self.advantages, self.mask)[0]
+
+    def kl_fn(self) -> torch.Tensor:
+        from rlhf_lab.losses import mean_kl
+
+        return mean_kl(self.logp(self.theta), self.old, self.mask)
+
+    def step(self, **kw) -> dict[str, float]:
+        from rlhf_lab.optim import trpo_step
+
+        return trpo_step([self.theta], self.loss_fn, self.kl_fn, **kw)
+
+
+@pytest.fixture
+def trpo_problem():
+    """The `TRPOProblem` class: `trpo_problem(seed=1, scale=3.0)` builds one."""
+    return TRPOProblem

@@ -13,32 +13,6 @@ F64 = torch.float64
 S, A = 3, 4  # a tabular softmax policy: theta (S * A,) are the logits, reshaped (S, A)
 
 
-def _log_softmax_policy(theta: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(theta.view(S, A), dim=-1)
-
-
-class Problem:
-    """A fixed batch of "sampled" tokens from pi_old = softmax(theta_0) with advantages."""
-
-    def __init__(self, seed: int = 0, scale: float = 2.0, B: int = 6, T: int = 5) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.theta0 = torch.randn(S * A, generator=gen, dtype=F64) * scale
-        self.states = torch.randint(0, S, (B, T), generator=gen)
-        probs = _log_softmax_policy(self.theta0).exp()
-        self.actions = torch.multinomial(probs[self.states.view(-1)], 1, generator=gen).view(B, T)
-        self.advantages = torch.randn(B, T, generator=gen, dtype=F64)
-        self.mask = torch.ones(B, T, dtype=F64)
-        self.mask[0, -2:] = 0  # a padded row end
-        self.old = self.logp(self.theta0).detach()
-        self.theta = self.theta0.clone().requires_grad_(True)
-
-    def logp(self, theta: torch.Tensor) -> torch.Tensor:
-        return _log_softmax_policy(theta)[self.states, self.actions]
-
-    def loss_fn(self) -> torch.Tensor:
-        return surrogate_loss(self.logp(self.theta), self.old, self.advantages, self.mask)[0]
-
-
 # --- surrogate_loss ----------------------------------------------------------------------------
 
 
@@ -63,9 +37,9 @@ def test_surrogate_loss_by_hand():
     torch.testing.assert_close(loss_seq, loss)
 
 
-def test_surrogate_gradient_at_old_policy_is_the_policy_gradient():
+def test_surrogate_gradient_at_old_policy_is_the_policy_gradient(trpo_problem):
     # At theta_old r = 1 and grad r = grad log pi, so grad L = -masked_mean(A grad log pi).
-    p = Problem()
+    p = trpo_problem()
     (grad,) = torch.autograd.grad(p.loss_fn(), p.theta)
     (pg,) = torch.autograd.grad(-(p.advantages * p.logp(p.theta) * p.mask).sum() / p.mask.sum(), p.theta)
     torch.testing.assert_close(grad, pg)
@@ -104,21 +78,21 @@ def test_mean_kl_is_unbiased_for_kl_old_to_new():
 # --- the KL Hessian is the Fisher -------------------------------------------------------------
 
 
-def test_kl_hessian_at_old_policy_is_the_fisher():
+def test_kl_hessian_at_old_policy_is_the_fisher(trpo_problem):
     # On sampled tokens: the mean of score outer products grad l grad l^T (empirical Fisher).
-    p = Problem(seed=1)
+    p = trpo_problem(seed=1)
     h = hessian(lambda th: mean_kl(p.logp(th), p.old, p.mask), p.theta0.clone())
     jac = torch.autograd.functional.jacobian(lambda th: p.logp(th), p.theta0.clone())
     scores = jac.reshape(-1, S * A)[p.mask.reshape(-1) != 0]
     torch.testing.assert_close(h, scores.T @ scores / scores.shape[0], atol=1e-10, rtol=0)
     # In expectation (every action weighted by pi_old through the float mask): the exact
     # Fisher of a softmax, block-diagonal with blocks diag(pi) - pi pi^T (one state each here).
-    probs = _log_softmax_policy(p.theta0).exp()
+    probs = trpo_problem.log_softmax(p.theta0).exp()
     states = torch.arange(S).repeat_interleave(A).view(S, A)
     actions = torch.arange(A).repeat(S).view(S, A)
 
     def exact_kl(th):
-        return mean_kl(_log_softmax_policy(th)[states, actions], probs.log(), probs)
+        return mean_kl(trpo_problem.log_softmax(th)[states, actions], probs.log(), probs)
 
     h_exact = hessian(exact_kl, p.theta0.clone())
     fisher = torch.block_diag(*[(torch.diag(q) - torch.outer(q, q)) / S for q in probs])

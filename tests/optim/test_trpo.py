@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.autograd.functional import hessian
 
-from rlhf_lab.losses import mean_kl, surrogate_loss
+from rlhf_lab.losses import mean_kl
 from rlhf_lab.optim import (
     conjugate_gradient,
     fisher_vector_product,
@@ -17,42 +17,6 @@ from rlhf_lab.optim import (
 
 F64 = torch.float64
 S, A = 3, 4  # a tabular softmax policy: theta (S * A,) are the logits, reshaped (S, A)
-
-
-def _log_softmax_policy(theta: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(theta.view(S, A), dim=-1)
-
-
-class Problem:
-    """A fixed batch of "sampled" tokens from pi_old = softmax(theta_0) with advantages.
-
-    theta is the live parameter (starts at theta_0); loss_fn and kl_fn recompute from it, as
-    trpo_step requires. scale sets how peaked pi_old is (larger = more ill-conditioned Fisher).
-    """
-
-    def __init__(self, seed: int = 0, scale: float = 2.0, B: int = 6, T: int = 5) -> None:
-        gen = torch.Generator().manual_seed(seed)
-        self.theta0 = torch.randn(S * A, generator=gen, dtype=F64) * scale
-        self.states = torch.randint(0, S, (B, T), generator=gen)
-        probs = _log_softmax_policy(self.theta0).exp()
-        self.actions = torch.multinomial(probs[self.states.view(-1)], 1, generator=gen).view(B, T)
-        self.advantages = torch.randn(B, T, generator=gen, dtype=F64)
-        self.mask = torch.ones(B, T, dtype=F64)
-        self.mask[0, -2:] = 0  # a padded row end
-        self.old = self.logp(self.theta0).detach()
-        self.theta = self.theta0.clone().requires_grad_(True)
-
-    def logp(self, theta: torch.Tensor) -> torch.Tensor:
-        return _log_softmax_policy(theta)[self.states, self.actions]
-
-    def loss_fn(self) -> torch.Tensor:
-        return surrogate_loss(self.logp(self.theta), self.old, self.advantages, self.mask)[0]
-
-    def kl_fn(self) -> torch.Tensor:
-        return mean_kl(self.logp(self.theta), self.old, self.mask)
-
-    def step(self, **kw) -> dict[str, float]:
-        return trpo_step([self.theta], self.loss_fn, self.kl_fn, **kw)
 
 
 # --- conjugate_gradient ------------------------------------------------------------------------
@@ -132,8 +96,8 @@ def test_flat_params_roundtrip_and_flat_grad_with_unused_param():
 
 
 @pytest.mark.parametrize("moved", [False, True])
-def test_fisher_vector_product_equals_explicit_hessian(moved):
-    p = Problem(seed=1)
+def test_fisher_vector_product_equals_explicit_hessian(moved, trpo_problem):
+    p = trpo_problem(seed=1)
     if moved:  # the Pearlmutter product is the exact KL Hessian anywhere, not only at theta_old
         with torch.no_grad():
             p.theta.add_(0.3 * torch.randn(S * A, generator=torch.Generator().manual_seed(2)))
@@ -148,10 +112,10 @@ def test_fisher_vector_product_equals_explicit_hessian(moved):
 # --- trpo_step ---------------------------------------------------------------------------------
 
 
-def test_trpo_step_respects_the_trust_region_and_improves():
+def test_trpo_step_respects_the_trust_region_and_improves(trpo_problem):
     kls = []
     for max_kl in (1e-3, 1e-2, 5e-2):
-        p = Problem()
+        p = trpo_problem()
         loss_before = p.loss_fn().item()
         m = p.step(max_kl=max_kl)
         assert set(m) == {
@@ -174,10 +138,10 @@ def test_trpo_step_respects_the_trust_region_and_improves():
     assert kls[0] < kls[1] < kls[2]
 
 
-def test_trpo_step_full_step_matches_the_quadratic_kl_model():
+def test_trpo_step_full_step_matches_the_quadratic_kl_model(trpo_problem):
     # The full step is scaled so 1/2 s^T (F + d I) s = max_kl. For a small max_kl the quadratic
     # model of the KL is accurate, so the achieved KL is 1/2 s^T F s = max_kl - 1/2 d |s|^2.
-    p = Problem()
+    p = trpo_problem()
     max_kl, damping = 1e-4, 0.1
     m = p.step(max_kl=max_kl, damping=damping)
     assert m["step_fraction"] == 1.0
@@ -185,8 +149,8 @@ def test_trpo_step_full_step_matches_the_quadratic_kl_model():
     assert m["kl"] == pytest.approx(max_kl - 0.5 * damping * step_sq, rel=0.02)
 
 
-def test_trpo_step_restores_params_when_the_loss_never_decreases():
-    p = Problem()
+def test_trpo_step_restores_params_when_the_loss_never_decreases(trpo_problem):
+    p = trpo_problem()
     calls = [0]
 
     def increasing_loss():
@@ -201,63 +165,63 @@ def test_trpo_step_restores_params_when_the_loss_never_decreases():
     assert torch.equal(p.theta.detach(), p.theta0)
 
 
-def test_trpo_step_restores_params_when_the_kl_bound_always_fails():
+def test_trpo_step_restores_params_when_the_kl_bound_always_fails(trpo_problem):
     # The constant offset leaves the Fisher-vector products unchanged but puts every trial
     # above max_kl: the KL check alone rejects.
-    p = Problem()
+    p = trpo_problem()
     m = trpo_step([p.theta], p.loss_fn, lambda: p.kl_fn() + 1.0, max_kl=1e-2)
     assert m["accepted"] == 0.0
     assert torch.equal(p.theta.detach(), p.theta0)
 
 
-def test_trpo_step_without_backtracks_rejects_a_bad_full_step():
+def test_trpo_step_without_backtracks_rejects_a_bad_full_step(trpo_problem):
     # On this ill-conditioned problem (no damping) the full step fails the checks and only the
     # first backtrack (half step) passes.
-    m = Problem(scale=3.0).step(damping=0.0)
+    m = trpo_problem(scale=3.0).step(damping=0.0)
     assert m["accepted"] == 1.0 and m["step_fraction"] == 0.5
-    p = Problem(scale=3.0)
+    p = trpo_problem(scale=3.0)
     m0 = p.step(damping=0.0, max_backtracks=0)
     assert m0["accepted"] == 0.0
     assert torch.equal(p.theta.detach(), p.theta0)
 
 
-def test_trpo_step_zero_gradient_is_a_no_op():
-    p = Problem()
+def test_trpo_step_zero_gradient_is_a_no_op(trpo_problem):
+    p = trpo_problem()
     m = trpo_step([p.theta], lambda: (p.theta * 0.0).sum(), p.kl_fn)
     assert m["accepted"] == 0.0 and m["expected_improvement"] == 0.0
     assert torch.equal(p.theta.detach(), p.theta0)
 
 
-def _final_theta(**kw) -> tuple[torch.Tensor, dict[str, float]]:
-    p = Problem(scale=kw.pop("scale", 2.0))
+def _final_theta(problem, **kw) -> tuple[torch.Tensor, dict[str, float]]:
+    p = problem(scale=kw.pop("scale", 2.0))
     m = p.step(**kw)
     assert m["accepted"] == 1.0
     return p.theta.detach().clone(), m
 
 
-def test_each_option_changes_the_step():
+def test_each_option_changes_the_step(trpo_problem):
     # max_kl: a larger region, a larger KL (also covered above).
-    t_small, m_small = _final_theta(max_kl=1e-3)
-    t_big, m_big = _final_theta(max_kl=5e-2)
+    t_small, m_small = _final_theta(trpo_problem, max_kl=1e-3)
+    t_big, m_big = _final_theta(trpo_problem, max_kl=5e-2)
     assert m_small["kl"] < m_big["kl"] and not torch.allclose(t_small, t_big)
     # damping: a different linear system, so a different direction and length.
-    t_d0, m_d0 = _final_theta(damping=0.0, scale=3.0)
-    t_d1, m_d1 = _final_theta(damping=1.0, scale=3.0)
+    t_d0, m_d0 = _final_theta(trpo_problem, damping=0.0, scale=3.0)
+    t_d1, m_d1 = _final_theta(trpo_problem, damping=1.0, scale=3.0)
     assert not torch.allclose(t_d0, t_d1) and m_d0["kl"] != pytest.approx(m_d1["kl"])
     # cg_iters on the ill-conditioned problem: 1 iteration leaves a large residual (the
     # direction is the plain gradient), 10 iterations solve the system.
-    t_cg1, m_cg1 = _final_theta(cg_iters=1, damping=0.0, scale=3.0)
+    t_cg1, m_cg1 = _final_theta(trpo_problem, cg_iters=1, damping=0.0, scale=3.0)
     assert m_cg1["cg_residual"] > 1e3 * m_d0["cg_residual"]
     assert not torch.allclose(t_cg1, t_d0)
     # backtrack_coef: where the full step is rejected, the accepted fraction is c^k.
-    _, m_c5 = _final_theta(damping=0.0, scale=3.0, backtrack_coef=0.5)
-    t_c8, m_c8 = _final_theta(damping=0.0, scale=3.0, backtrack_coef=0.8)
+    _, m_c5 = _final_theta(trpo_problem, damping=0.0, scale=3.0, backtrack_coef=0.5)
+    t_c8, m_c8 = _final_theta(trpo_problem, damping=0.0, scale=3.0, backtrack_coef=0.8)
     assert m_c5["step_fraction"] == 0.5
     assert m_c8["step_fraction"] == pytest.approx(0.8**3)
     assert not torch.allclose(t_c8, t_d0)
     # accept_ratio: demanding more than the linear model promises rejects the step.
-    _, m_lax = _final_theta(accept_ratio=0.0)
-    p = Problem()
+    _, m_lax = _final_theta(trpo_problem, accept_ratio=0.0)
+    p = trpo_problem()
     m_strict = p.step(accept_ratio=1e3)
     assert m_lax["accepted"] == 1.0 and m_strict["accepted"] == 0.0
     assert torch.equal(p.theta.detach(), p.theta0)
@@ -277,14 +241,14 @@ def test_each_option_changes_the_step():
         ({"accept_ratio": -0.5}, "accept_ratio"),
     ],
 )
-def test_trpo_step_bad_options_raise(kwargs, name):
-    p = Problem()
+def test_trpo_step_bad_options_raise(kwargs, name, trpo_problem):
+    p = trpo_problem()
     with pytest.raises(ValueError, match=f"^{name}"):
         p.step(**kwargs)
     assert torch.equal(p.theta.detach(), p.theta0)
 
 
-def test_bad_inputs_raise():
+def test_bad_inputs_raise(trpo_problem):
     a = torch.eye(2)
     with pytest.raises(ValueError, match="^iters"):
         conjugate_gradient(lambda v: a @ v, torch.ones(2), iters=0)
@@ -294,7 +258,7 @@ def test_bad_inputs_raise():
         conjugate_gradient(lambda v: a @ v, torch.ones(2, 1))
     with pytest.raises(ValueError, match="^fvp"):
         conjugate_gradient(lambda v: torch.ones(3), torch.ones(2))
-    p = Problem()
+    p = trpo_problem()
     with pytest.raises(ValueError, match="^damping"):
         fisher_vector_product(p.kl_fn, [p.theta], damping=-1.0)
     with pytest.raises(ValueError, match="^params"):
