@@ -236,8 +236,9 @@ def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerC
     """Stages 1-3 of the demo: pretrain → SFT → preference pairs → reward model → normalised reward.
 
     Writes `pretrain/`, `sft/` and `reward_model/` (HF folders beside each stage's Lightning logs)
-    into `out` and prints a table per stage through `echo`; each stage is one `build_run`, seeded
-    with `config.seed`. The reward model is normalised (mean 0, std 1) on one sample per RL prompt
+    into `out` and prints a table per stage through `echo`; each stage is one `build_run`. The
+    pipeline is seeded once with `config.seed`, before pretraining, and each later stage goes on
+    from the random stream the one before left (so a seed gives the numbers it always gave). The reward model is normalised (mean 0, std 1) on one sample per RL prompt
     of the SFT policy at temperature 1. Returns a `Base`.
     """
     c = config or DemoConfig()
@@ -263,7 +264,8 @@ def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerC
     # on the eval prompts by the gold judge.
     sft_eval = EvalConfig(prompts=len(eval_prompts), at_start=False, max_new_tokens=max_new_tokens)
     run = build_run(_stage(c, out, "sft", os.path.join(out, "pretrain"), c.sft, c.sft_steps, eval=sft_eval,
-                           **common), task=task, eval_prompts=eval_prompts, references=[], run_config=run_config)
+                           **common), task=task, eval_prompts=eval_prompts, references=[], run_config=run_config,
+                    reseed=False)
     val = run.fit()["metrics"]
     policy = run.policy
     before = greedy_completions(policy, eval_prompts, max_new_tokens)
@@ -280,7 +282,7 @@ def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerC
     n_val = max(1, len(pairs) // 10)
     run = build_run(_stage(c, out, "reward_model", os.path.join(out, "sft"), c.reward, c.reward_steps,
                            eval=no_eval, **common), task=task, rows=(pairs[n_val:], pairs[:n_val]),
-                    run_config=run_config)
+                    run_config=run_config, reseed=False)
     val = run.fit()["metrics"]
     summary["reward_model"] = {"pairs": len(pairs), "val_accuracy": val["val/accuracy"], "val_loss": val["val/loss"]}
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
@@ -364,7 +366,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     # trains on the gold-ranked pairs the reward model was trained on.
     fit_config = final_run_config(c, algorithm, out, out, log_config, progress)
     rows = (base.pairs[base.n_val:], base.pairs[:base.n_val]) if fit_config.stage_name == "dpo" else None
-    run = build_run(fit_config, task=task, rows=rows, reward_fn=base.reward_fn, run_config=run_config)
+    run = build_run(fit_config, task=task, rows=rows, reward_fn=base.reward_fn, run_config=run_config, reseed=False)
     result = run.fit()
     policy, last = run.policy, run.evaluator.history[-1]
     after = greedy_completions(policy, eval_prompts, max_new_tokens)
