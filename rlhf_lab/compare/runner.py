@@ -175,7 +175,7 @@ def run_one(spec: dict) -> dict:
     shutil.rmtree(run_dir, ignore_errors=True)  # a half-written run starts again
     os.makedirs(run_dir)
     start = time.perf_counter()
-    L.seed_everything(seed, verbose=False)
+    L.seed_everything(seed, verbose=False)  # once, first: the builder goes on from this stream
 
     demo = dataclasses.replace(config.demo_config(), seed=seed)
     task = get_task(config.task)
@@ -202,9 +202,9 @@ def run_one(spec: dict) -> dict:
         fit_config = final_run_config(demo, algorithm, run_dir, base_dir, logger, progress=False,
                                       evaluation=EvalConfig(every=steps / config.evals, axis="step", **measure))
         run = build_run(fit_config, task=task, rows=(pairs, []), reward_fn=reward_fn, eval_prompts=eval_prompts,
-                        run_config=run_config, eval_kwargs=dict(
+                        run_config=run_config, reseed=False, eval_kwargs=dict(
                             budget_of=lambda module: {"samples": samples, "generated_tokens": tokens},
-                            extra_seconds=time.perf_counter() - t0, budget_prefix="compare", max_rows=0))
+                            extra_seconds=time.perf_counter() - t0, budget_prefix="compare", max_rows=0, batch_size=256))
         extra = {"pairs": len(pairs)}
     else:
         fit_config = final_run_config(
@@ -212,7 +212,8 @@ def run_one(spec: dict) -> dict:
             budget=BudgetConfig(amount=config.budget, unit=unit),
             evaluation=EvalConfig(every=config.budget / config.evals, axis=unit, **measure))
         run = build_run(fit_config, task=task, rows=(prompts, eval_prompts), reward_fn=reward_fn,
-                        run_config=run_config, eval_kwargs=dict(budget_prefix="compare", max_rows=0))
+                        run_config=run_config, reseed=False,
+                        eval_kwargs=dict(budget_prefix="compare", max_rows=0, batch_size=256))
     run.fit()
     evaluator = run.evaluator
     spent = evaluator.history[-1]["samples" if unit == "samples" else "generated_tokens"]
