@@ -1,0 +1,135 @@
+"""Run setup shared by the demo, the CLI and experiment scripts: loggers and Trainers.
+
+One `LoggerConfig` says where a run's metrics go. `build_loggers` turns it into Lightning
+loggers for one stage: a `CSVLogger` writing `<out>/<stage>/metrics.csv` (the default), and/or a
+`WandbLogger` whose project, group, tags and run name come from the config, that records the
+run's full configuration, and that runs offline (files under `<out>/wandb/`, `wandb sync` later)
+when no `WANDB_API_KEY` is set. `make_trainer` builds the Trainer every stage of ours uses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+from rlhf_lab.checks import check_choice
+
+__all__ = ["LoggerConfig", "build_loggers", "finish_loggers", "make_trainer", "plain_config", "quiet_libraries"]
+
+LOGGER_KINDS = ("csv", "wandb", "both", "none")
+
+
+@dataclass
+class LoggerConfig:
+    """Where a run's metrics go (`kind`) and how wandb files the run."""
+
+    kind: str = "csv"  # csv | wandb | both | none
+    project: str = "rlhf_lab"  # wandb project
+    group: str | None = None  # wandb group (runs compared together); None = the run folder's name
+    tags: list[str] = field(default_factory=list)  # wandb tags; the stage name is always added
+    name: str | None = None  # wandb run name; None = "<group>-<stage>"
+    offline: bool | None = None  # None = offline exactly when WANDB_API_KEY is not set
+
+    def __post_init__(self):
+        check_choice("kind", self.kind, LOGGER_KINDS)
+        if isinstance(self.tags, str):
+            raise ValueError(f"tags must be a list of strings, got the string {self.tags!r}")
+        self.tags = [str(t) for t in self.tags]
+
+
+def plain_config(value: Any) -> Any:
+    """Dataclasses, tuples and nested containers as plain dicts/lists/scalars (for YAML and wandb)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain_config(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_config(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def build_loggers(config: LoggerConfig | str, out: str, stage: str,
+                  run_config: Any = None) -> list:
+    """The Lightning loggers of one stage, with `run_config` (any dataclass or dict) recorded.
+
+    CSV: `<out>/<stage>/metrics.csv`, the config in `<out>/<stage>/hparams.yaml`. wandb: project
+    `config.project`, group `config.group` (default: the name of `out`), run name
+    `config.name or "<group>-<stage>"`, tags `config.tags + [stage]`, the config as the run's
+    wandb config; offline unless `WANDB_API_KEY` is set (or `config.offline` says otherwise).
+    """
+    if isinstance(config, str):
+        config = LoggerConfig(kind=config)
+    hparams = plain_config(run_config) if run_config is not None else None
+    loggers = []
+    if config.kind in ("csv", "both"):
+        from lightning.pytorch.loggers import CSVLogger
+
+        csv_logger = CSVLogger(out, name=stage, version="")
+        if hparams:
+            csv_logger.log_hyperparams(hparams)
+        loggers.append(csv_logger)
+    if config.kind in ("wandb", "both"):
+        from lightning.pytorch.loggers import WandbLogger
+
+        offline = config.offline if config.offline is not None else not os.environ.get("WANDB_API_KEY")
+        group = config.group or os.path.basename(os.path.normpath(out))
+        tags = list(dict.fromkeys([*config.tags, stage]))
+        loggers.append(WandbLogger(project=config.project, group=group, name=config.name or f"{group}-{stage}",
+                                   tags=tags, save_dir=out, offline=offline, config=hparams or {}))
+    return loggers
+
+
+def finish_loggers(trainer) -> None:
+    """Close a stage's wandb run, so the next stage of the same process starts its own run."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    if any(isinstance(logger, WandbLogger) for logger in trainer.loggers):
+        import wandb
+
+        wandb.finish()
+
+
+def make_trainer(out: str, stage: str, max_steps: int, logger: LoggerConfig | str = "csv",
+                 run_config: Any = None, **kwargs):
+    """A Trainer for one stage of ours: `max_steps` optimiser steps, metrics to `build_loggers`.
+
+    Defaults: logging every step, no Lightning checkpoints (stages hand off through HF folders),
+    no sanity validation, one CPU device; any Trainer argument in `kwargs` overrides them.
+    """
+    import lightning as L
+
+    loggers = build_loggers(logger, out, stage, run_config)
+    defaults = dict(max_steps=max_steps, max_epochs=-1, logger=loggers or False, enable_checkpointing=False,
+                    enable_model_summary=False, log_every_n_steps=1, accelerator="cpu", devices=1,
+                    num_sanity_val_steps=0, default_root_dir=out)
+    defaults.update(kwargs)
+    return L.Trainer(**defaults)
+
+
+def quiet_libraries() -> None:
+    """Offline hub and no library start-up chatter, for the CLI's process and compare's workers.
+
+    Lightning sets its loggers' levels when it is imported, so it is imported first and
+    lowering them here sticks. Our own `rlhf_lab` loggers print INFO (load reports, cut counts).
+    """
+    import lightning  # noqa: F401  (it sets its loggers' levels on import; ours must come after)
+    from transformers.utils import logging as hf_logging
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", module="lightning")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Converting a tensor with requires_grad=True.*")
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("rlhf_lab").setLevel(logging.INFO)
