@@ -3,6 +3,7 @@
 Each check runs in a fresh interpreter, since this test process has long imported everything.
 """
 
+import importlib
 import json
 import subprocess
 import sys
@@ -50,8 +51,9 @@ def test_policy_imports_neither_lightning_nor_peft_nor_torchmetrics():
 def test_data_exports_every_name_lazily():
     import rlhf_lab.data as data
 
-    for name in data.__all__:
-        assert getattr(data, name) is not None
+    for name in data.__all__:  # each lazy name is the object its defining submodule holds
+        module = importlib.import_module(f"rlhf_lab.data.{data._EXPORTS[name]}")
+        assert getattr(data, name) is getattr(module, name), name
     assert set(data.__all__) <= set(dir(data))
     with pytest.raises(AttributeError, match="no_such_name"):
         data.no_such_name  # noqa: B018
