@@ -35,6 +35,7 @@ from rlhf_lab.runs.builder import (
     RewardConfig,
     TrainerConfig,
     build_run,
+    iteration_size,
 )
 from rlhf_lab.runs.loggers import LoggerConfig
 from rlhf_lab.stages.lm import PretrainConfig, SFTConfig
@@ -73,14 +74,18 @@ class DemoConfig:
         """Iterations (online) or optimiser steps (dpo) of the last stage."""
         return self.final_budget if self.final_budget is not None else get_algorithm(algorithm).demo_budget
 
-    def final_config(self, algorithm: str, max_new_tokens: int):
+    def new_tokens(self) -> int:
+        """The generation length of every stage: `max_new_tokens`, else the task's own."""
+        return self.max_new_tokens or get_task(self.task).max_new_tokens
+
+    def final_config(self, algorithm: str):
         """The last stage's config: `final`, else the registry's demo config for this task."""
         if self.final is not None:
             return self.final
         entry = get_algorithm(algorithm)
         overrides: dict = {}
         if entry.online:
-            overrides["max_new_tokens"] = max_new_tokens
+            overrides["max_new_tokens"] = self.new_tokens()
         if self.prompts_per_step is not None and entry.online:
             overrides["batch_size" if entry.stage == "online_dpo" else "prompts_per_step"] = self.prompts_per_step
         return entry.demo_config(**overrides)
@@ -243,7 +248,7 @@ def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerC
     """
     c = config or DemoConfig()
     task = get_task(c.task)
-    max_new_tokens = c.max_new_tokens or task.max_new_tokens
+    max_new_tokens = c.new_tokens()
     logger = logger if isinstance(logger, LoggerConfig) else LoggerConfig(kind=logger)
     os.makedirs(out, exist_ok=True)
     eval_prompts = task.eval_prompts()
@@ -306,16 +311,13 @@ def final_run_config(c: DemoConfig, algorithm: str, out: str, base_dir: str, log
     run lasts `c.budget(algorithm)` iterations (dpo: optimiser steps).
     """
     task = get_task(c.task)
-    max_new_tokens = c.max_new_tokens or task.max_new_tokens
+    max_new_tokens = c.new_tokens()
     entry = get_algorithm(algorithm)
-    config = c.final_config(algorithm, max_new_tokens)
-    if entry.stage == "online_rl":
-        per_iteration = min(config.prompts_per_step, len(task.rl_prompts())) * config.samples_per_prompt
-        steps = c.budget(algorithm) * config.steps_per_iteration
-    elif entry.stage == "online_dpo":
-        per_iteration, steps = 2 * min(config.batch_size, len(task.rl_prompts())), c.budget(algorithm)
-    else:
-        per_iteration, steps = None, c.budget(algorithm)
+    config = c.final_config(algorithm)
+    per_iteration, steps = None, c.budget(algorithm)
+    if entry.online:
+        per_iteration, steps_per_iteration = iteration_size(entry.stage, config, len(task.rl_prompts()))
+        steps *= steps_per_iteration
     if evaluation is None:  # proxy reward and KL on samples, greedy gold: the same for every algorithm
         every, axis = (c.eval_every * per_iteration, "samples") if per_iteration else (max(1, steps // 5), "step")
         evaluation = EvalConfig(every=every, axis=axis, prompts=len(task.eval_prompts()), greedy=False,
@@ -340,7 +342,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
         raise ValueError(f"algorithm must be one of {', '.join(algorithm_names())}; got {algorithm!r}")
     c = config or DemoConfig()
     task = get_task(c.task)
-    max_new_tokens = c.max_new_tokens or task.max_new_tokens
+    max_new_tokens = c.new_tokens()
     out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     run_name = os.path.basename(os.path.normpath(out))

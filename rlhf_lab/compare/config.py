@@ -105,5 +105,5 @@ class CompareConfig:
                if f.name not in ("algorithms", "seeds")}
         demo = self.demo_config()
         # Every registered algorithm's resolved config (the registry's preset and demo settings).
-        settings = {name: demo.final_config(name, demo.max_new_tokens or 8) for name in algorithm_names()}
+        settings = {name: demo.final_config(name) for name in algorithm_names()}
         return plain_config({**own, "demo": demo, "settings": settings})

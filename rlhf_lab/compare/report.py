@@ -184,10 +184,9 @@ def _cell(m: MeanCI, digits: int) -> str:
 def _settings(config: CompareConfig) -> list[str]:
     """One line per algorithm: the settings it ran with (the demo's)."""
     demo = config.demo_config()
-    max_new_tokens = demo.max_new_tokens or 8
     lines = []
     for alg in config.algorithms:
-        entry, c = get_algorithm(alg), demo.final_config(alg, max_new_tokens)
+        entry, c = get_algorithm(alg), demo.final_config(alg)
         if entry.stage == "dpo":
             lines.append(f"- `{alg}`: pairs from the budget's SFT samples ranked by the proxy (at most "
                          f"{config.dpo_max_pairs_per_prompt} per prompt), then {demo.budget(alg)} optimiser "
@@ -386,7 +385,7 @@ def _budget_text(config: CompareConfig) -> str:
     counter = ("`budget/samples`: responses sampled" if config.budget_unit == "samples"
                else "`budget/generated_tokens`: response tokens sampled, EOS included")
     demo = config.demo_config()
-    shared = demo.final_config("ppo", demo.max_new_tokens or 8)  # the online algorithms' batches
+    shared = demo.final_config("ppo")  # the online algorithms' batches
     text = (f"{config.budget:,} {config.budget_unit} per run, counted by {counter} "
             "(`rlhf_lab.stages.common.Budget`). The online algorithms stop at the first iteration at which "
             "the counter reaches the budget, so a run may overshoot by less than one iteration (the table "

@@ -179,7 +179,7 @@ def run_one(spec: dict) -> dict:
 
     demo = dataclasses.replace(config.demo_config(), seed=seed)
     task = get_task(config.task)
-    max_new_tokens = demo.max_new_tokens or task.max_new_tokens
+    max_new_tokens = demo.new_tokens()
     prompts, eval_prompts = task.rl_prompts(seed=config.base_seed), task.eval_prompts()
     reward_fn = load_reward_source(base_dir)
     logger = run_logger_config(spec["logger"], spec["group"], algorithm, seed, task.name)
@@ -190,7 +190,7 @@ def run_one(spec: dict) -> dict:
     extra: dict = {}
     if not get_algorithm(algorithm).online:  # dpo: sample the budget from SFT, rank by the proxy, train
         sft = Policy.load(os.path.join(base_dir, "sft"))
-        batch = demo.final_config("ppo", max_new_tokens)  # the online algorithms' batches
+        batch = demo.final_config("ppo")  # the online algorithms' batches
         t0 = time.perf_counter()
         rows_p, rows_c, scores, samples, tokens = _sample_budget(
             sft, prompts, reward_fn, config, batch.prompts_per_step, batch.samples_per_prompt, max_new_tokens, seed)

@@ -31,7 +31,7 @@ from rlhf_lab.runs.loggers import LoggerConfig, finish_loggers, make_trainer, pl
 log = logging.getLogger(__name__)
 
 __all__ = ["BudgetConfig", "EvalConfig", "FitConfig", "ModelConfig", "RewardConfig", "Run", "TrainerConfig",
-           "build_fit_config", "build_policy", "build_reward", "build_run", "stage_of"]
+           "build_fit_config", "build_policy", "build_reward", "build_run", "iteration_size", "stage_of"]
 
 EVAL_AXES = ("step", "samples", "generated_tokens")
 REWARD_SOURCES = ("gold", "gsm8k", "reward_model")
@@ -315,8 +315,8 @@ def _reference_mode(config: FitConfig) -> str | None:
     return "base" if config.model.lora is not None else "copy"
 
 
-def _per_iteration(stage: str, config, n_prompts: int) -> tuple[int, int]:
-    """(samples, optimiser steps) of one iteration of an online stage."""
+def iteration_size(stage: str, config, n_prompts: int) -> tuple[int, int]:
+    """(responses sampled, optimiser steps) of one iteration of an online stage over `n_prompts` prompts."""
     if stage == "online_dpo":
         return 2 * min(config.batch_size, n_prompts), 1
     return min(config.prompts_per_step, n_prompts) * config.samples_per_prompt, config.steps_per_iteration
@@ -491,7 +491,7 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
     max_steps = c.trainer.max_steps
     stop_at = None
     if c.budget is not None:
-        per_iteration, steps_per_iteration = _per_iteration(stage, c.config, len(prompts))
+        per_iteration, steps_per_iteration = iteration_size(stage, c.config, len(prompts))
         # The callback stops the run; max_steps only bounds it (every response has ≥ 1 token).
         max_steps = (math.ceil(c.budget.amount / per_iteration) + 1) * steps_per_iteration
         stop_at = c.budget.amount
