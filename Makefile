@@ -1,20 +1,27 @@
 # The two commands of the README. Both create .venv if missing, install torch first (so pip
 # never pulls a CUDA build through a looser spec), then the package.
+# The versions of everything else come from the lock file, $(LOCK) (see its header); for the newest
+# versions pyproject.toml allows, pass LOCK=none (or LOCK=), e.g. `make test LOCK=none`.
 PYTHON ?= python3
 TORCH ?= torch==2.13.0
+LOCK ?= requirements/lock.txt
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+USE_LOCK := $(filter-out none,$(LOCK))
+LOCK_ARG := $(if $(USE_LOCK),-c $(USE_LOCK))
+# One stamp per install mode, so switching between locked and newest reinstalls.
+STAMP := $(VENV)/.installed-$(if $(USE_LOCK),locked,newest)
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install lock clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): $(BIN)/python pyproject.toml
-	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test]"
+$(STAMP): $(BIN)/python pyproject.toml $(USE_LOCK)
+	$(BIN)/pip install --quiet $(LOCK_ARG) "$(TORCH)"
+	$(BIN)/pip install --quiet $(LOCK_ARG) -e ".[test]"
+	rm -f $(VENV)/.installed*
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -28,5 +35,18 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
+# Rewrite requirements/lock.txt with the newest versions, resolved in a throwaway venv (its header
+# comment is kept). Then run `make clean test` and commit the file.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/pip install --quiet --upgrade pip
+	.venv-lock/bin/pip install --quiet "$(TORCH)"
+	.venv-lock/bin/pip install --quiet -e ".[test]"
+	{ grep '^#' requirements/lock.txt; .venv-lock/bin/pip freeze --exclude-editable \
+		| grep -viE '^(torch|rlhf[-_]lab)=='; } > requirements/lock.txt.new
+	mv requirements/lock.txt.new requirements/lock.txt
+	rm -rf .venv-lock
+
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-lock .pytest_cache .ruff_cache *.egg-info

@@ -12,6 +12,7 @@ a model.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -65,6 +66,39 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float, greedy
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     if samples_per_prompt < 1:
         raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
+
+
+def _cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which `model.forward` takes its KV cache.
+
+    transformers 5.x renamed a model's `past_key_values` argument (and output field) to `cache`;
+    the old name still works but warns on every call and goes in 5.40. Earlier versions, and
+    models that only know the old name, take `past_key_values`. A peft wrapper passes keywords
+    on to its base model, so the base's signature decides.
+    """
+    return "cache" if "cache" in inspect.signature(_unwrapped(model).forward).parameters else "past_key_values"
+
+
+def _returned_cache(output, model: torch.nn.Module):
+    """The KV cache a forward pass of `model` returned, to pass back on the next step.
+
+    It is the output's `cache` field (transformers 5.x) or `past_key_values` (before). A 4.x model
+    that takes `Cache` objects still answers a first call without a cache with the legacy tuple
+    format, and warns when that tuple comes back; such a tuple becomes a `DynamicCache` (the same
+    tensors). Models that only know tuples (GPT-2 in early 4.x) get their tuple back.
+    """
+    fields = getattr(type(output), "__dataclass_fields__", {})
+    cache = output.cache if "cache" in fields else output.past_key_values
+    if isinstance(cache, tuple) and getattr(_unwrapped(model), "_supports_cache_class", False):
+        from transformers import DynamicCache
+
+        cache = DynamicCache.from_legacy_cache(cache)
+    return cache
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model itself, or a peft wrapper's base model (which passes keywords on to it)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _fit_positions(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int,
@@ -130,10 +164,11 @@ def _sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greed
     mask = prompt_mask
     positions = position_ids_from_mask(prompt_mask)
     step_ids, step_pos, cache = prompt_ids, positions, None
+    cache_kw = _cache_keyword(model)
     for _ in range(max_new_tokens):
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    use_cache=True, **{cache_kw: cache})
+        cache = _returned_cache(out, model)
         logits = out.logits[:, -1].float() / temperature  # (B, V)
         logp_all = logits.log_softmax(dim=-1)
         sample_logits = logits

@@ -23,7 +23,9 @@ Conventions shared by the three (what `Policy` relies on):
 
 - `forward(input_ids, attention_mask, position_ids, past_key_values, use_cache,
   output_hidden_states, labels)` returns a `CausalLMOutputWithPast`; `hidden_states[-1]` is the
-  `(B, T, hidden_size)` state the LM head reads (and a value/reward head may read too).
+  `(B, T, hidden_size)` state the LM head reads (and a value/reward head may read too). The cache
+  goes in as `cache` or `past_key_values` and comes back under the installed transformers' field
+  name (`cache` from 5.x, which deprecates `past_key_values`; `past_key_values` before).
 - Left padding is neutral: a left-padded row gives the same logits on its real tokens as the
   same row unpadded (the LSTM keeps its state through positions whose mask is 0; attention never
   looks at masked keys and takes positions from `position_ids`).
@@ -51,6 +53,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# The output field (and generate's keyword) of a KV cache: transformers 5.x renamed
+# `past_key_values` to `cache`, and the old name warns on every use until it goes in 5.40.
+_CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 __all__ = [
     "TOY_CONFIGS",
@@ -194,6 +200,13 @@ class ToyCache:
         return f"ToyCache(seen={self.seen}, state={shapes})"
 
 
+def _one_cache(cache: ToyCache | None, past_key_values: ToyCache | None) -> ToyCache | None:
+    """The cache given under either name (`cache` in transformers 5.x, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the cache once: as cache or as past_key_values, not both")
+    return cache if cache is not None else past_key_values
+
+
 def _positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that skip left padding: `cumsum(mask) - 1`, clipped at 0 (as `Policy` uses)."""
     return (attention_mask.long().cumsum(dim=-1) - 1).clamp(min=0)
@@ -212,7 +225,7 @@ class _ToyPreTrainedModel(PreTrainedModel):
     base_model_prefix = ""
     supports_gradient_checkpointing = False
     _no_split_modules: list[str] = []
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["past_key_values", "cache"]
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:
@@ -248,6 +261,7 @@ class _ToyPreTrainedModel(PreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        cache: ToyCache | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast | tuple:
         """Next-token logits for every position, optionally continuing from `past_key_values`.
@@ -258,6 +272,7 @@ class _ToyPreTrainedModel(PreTrainedModel):
             position_ids: `(B, T)`; by default `cumsum(mask) - 1` clipped at 0 (only the
                 attention model uses positions).
             past_key_values: a `ToyCache` returned by the previous call, or None.
+            cache: the same under its transformers 5.x name (pass one of the two).
             labels: `(B, T)` targets; the loss is the mean cross-entropy of predicting
                 `labels[:, t + 1]` from position t, skipping -100.
             use_cache: return the updated `ToyCache` (default `config.use_cache`).
@@ -265,6 +280,7 @@ class _ToyPreTrainedModel(PreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        past_key_values = _one_cache(cache, past_key_values)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
@@ -291,12 +307,12 @@ class _ToyPreTrainedModel(PreTrainedModel):
                 labels[:, 1:].to(logits.device).reshape(-1),
                 ignore_index=-100,
             )
-        cache = ToyCache(state, seen=past + t) if use_cache else None
+        new_cache = ToyCache(state, seen=past + t) if use_cache else None
         out = CausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=cache,
             hidden_states=hidden_states if output_hidden_states else None,
+            **{_CACHE_FIELD: new_cache},
         )
         return out if return_dict else out.to_tuple()
 
@@ -335,6 +351,7 @@ class _ToyPreTrainedModel(PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        cache: ToyCache | None = None,
         **kwargs,
     ) -> dict:
         """Feed HF `generate` only the tokens the cache has not seen yet.
@@ -342,6 +359,7 @@ class _ToyPreTrainedModel(PreTrainedModel):
         The first call (no cache) takes the whole left-padded prompt; later calls take the new
         token(s), the full attention mask and the matching slice of `position_ids`.
         """
+        past_key_values = _one_cache(cache, past_key_values)
         if past_key_values is not None:
             n_new = max(input_ids.shape[1] - past_key_values.get_seq_length(), 1)
             input_ids = input_ids[:, -n_new:]
@@ -356,8 +374,8 @@ class _ToyPreTrainedModel(PreTrainedModel):
         inputs.update(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{_CACHE_FIELD: past_key_values},
         )
         skip = {"next_sequence_length", "is_first_iteration", "cache_position", "labels"}
         for key, value in kwargs.items():

@@ -268,3 +268,41 @@ def test_a_fresh_process_loads_saved_toy_folders(tokenizer, tmp_path):
     out = subprocess.run([sys.executable, "-c", FRESH_LOAD, str(tmp_path / "lstm"), str(tmp_path / "lora"),
                           str(tmp_path / "expected.pt")], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("name", ["lstm", "attention"])
+def test_hf_generate_feeds_the_toy_cache_back(name, tokenizer, monkeypatch):
+    """After the prompt, every `generate` step passes the ToyCache back and feeds one new token.
+
+    transformers 5.x hands the cache around as `cache=`; a model that only read `past_key_values`
+    would get None and recompute the whole sequence each step (same tokens, quadratic cost).
+    """
+    model = make(name, tokenizer)
+    calls = []
+    forward = type(model).forward
+
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        given = kwargs.get("cache", kwargs.get("past_key_values"))
+        calls.append((kwargs["input_ids"].shape[1], given is not None))
+        return out
+
+    monkeypatch.setattr(type(model), "forward", recording)
+    ids, mask = Policy(model, tokenizer).encode_prompts(PROMPTS)
+    model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, use_cache=True,
+                   pad_token_id=tokenizer.pad_token_id)
+    assert calls == [(ids.shape[1], False), (1, True), (1, True)]
+
+
+def test_the_cache_goes_in_under_either_name_but_not_both(tokenizer):
+    model = make("attention", tokenizer)
+    ids, mask = left_padded(tokenizer)
+    first = model(input_ids=ids[:, :-1], attention_mask=mask[:, :-1], use_cache=True)
+    cache = first["cache"] if "cache" in type(first).__dataclass_fields__ else first["past_key_values"]
+    assert isinstance(cache, ToyCache)
+    new = model(input_ids=ids[:, -1:], attention_mask=mask, cache=cache, use_cache=False).logits
+    old = model(input_ids=ids[:, -1:], attention_mask=mask, past_key_values=cache, use_cache=False).logits
+    assert torch.equal(new, old)
+    torch.testing.assert_close(new[:, -1], model(input_ids=ids, attention_mask=mask).logits[:, -1])
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=ids[:, -1:], attention_mask=mask, cache=cache, past_key_values=cache)
