@@ -20,14 +20,12 @@ from typing import Any, Union
 
 import yaml
 
+from rlhf_lab.errors import ConfigError
+
 __all__ = ["ConfigError", "apply_overrides", "build", "dump_yaml", "field_help", "load_yaml", "parse_overrides"]
 
 
 _FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
-
-
-class ConfigError(ValueError):
-    """A config key or value that does not fit its dataclass; the message names the key and file."""
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_lab import sampling
+from rlhf_lab.errors import CheckpointError, NonFiniteError
 from rlhf_lab.models.io import (
     ADAPTER_CONFIG,
     CRITIC_ADAPTER,
@@ -59,7 +60,7 @@ from rlhf_lab.models.tokenizer import load_tokenizer
 from rlhf_lab.rollout import Rollout
 from rlhf_lab.sampling import position_ids_from_mask
 
-__all__ = ["Policy", "position_ids_from_mask"]
+__all__ = ["Policy", "check_checkpoint_kind", "checkpoint_stage", "first_nonfinite", "position_ids_from_mask"]
 
 REFERENCE_ADAPTER = "reference"  # a frozen copy of a non-zero initial policy adapter
 
@@ -75,6 +76,47 @@ def _new_head(hidden: int) -> nn.Linear:
 def _restore_requires_grad(flags: list[tuple[nn.Parameter, bool]]) -> None:
     for p, flag in flags:
         p.requires_grad_(flag)
+
+
+def checkpoint_stage(path: str) -> str | None:
+    """The stage that wrote the checkpoint folder `path` (its metadata's `stage`, or the `stage` of
+    the `stage_config` a stage's `SavePolicy` records), or None for a folder that records none."""
+    meta = read_meta(path)
+    stage_config = meta.get("stage_config")
+    return meta.get("stage") or (stage_config.get("stage") if isinstance(stage_config, dict) else None)
+
+
+def check_checkpoint_kind(path: str, kind: str, field: str) -> None:
+    """Refuse a checkpoint folder of the wrong kind for `field`, saying what it is and what was expected.
+
+    `kind="policy"`: a reward model's folder (stage reward_model) is refused. `kind="reward_model"`:
+    a folder a policy stage wrote (pretrain, sft, ppo, ...) is refused, and so is a folder that
+    records no stage and has no score head (a plain HF model: its score head would be random).
+    Raises `rlhf_lab.errors.CheckpointError`.
+    """
+    stage = checkpoint_stage(path)
+    if kind == "policy":
+        if stage == "reward_model":
+            raise CheckpointError(f"{path} is a reward model (stage reward_model); {field} needs a policy "
+                                  "checkpoint (pretrain, sft, or an RL or DPO stage's)")
+    elif kind == "reward_model":
+        if stage is not None and stage != "reward_model":
+            raise CheckpointError(f"{path} is a policy (stage {stage}), not a reward model; {field} needs a "
+                                  "reward-model checkpoint (stage reward_model)")
+        if stage is None and not os.path.exists(os.path.join(path, HEAD_FILE)):
+            raise CheckpointError(f"{path} has no score head ({HEAD_FILE}), so it is not a reward model; "
+                                  f"{field} needs a reward-model checkpoint (stage reward_model)")
+    else:
+        raise ValueError(f"kind must be 'policy' or 'reward_model', got {kind!r}")
+
+
+def first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """`(name, "3 nan, 1 inf of 4096 values")` of the first tensor with NaN or ±inf, else None."""
+    for name, t in named:
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n_nan = int(torch.isnan(t).sum())
+            return name, f"{n_nan} nan, {int(torch.isinf(t).sum())} inf of {t.numel()} values"
+    return None
 
 
 class Policy(nn.Module):
@@ -162,7 +204,8 @@ class Policy(nn.Module):
     # ------------------------------------------------------------------ construction / io
     @classmethod
     def load(cls, path: str, scalar_head: bool | None = None, reference: str | None = None,
-             critic: Policy | str | None = None, lora: LoraSettings | None = None) -> Policy:
+             critic: Policy | str | None = None, lora: LoraSettings | None = None,
+             expect: str | None = None, field: str = "the checkpoint") -> Policy:
         """Load a folder written by `save` (or any HF causal-LM folder with a tokenizer).
 
         `scalar_head=None` restores a head exactly when the folder has one; True adds a fresh
@@ -171,9 +214,15 @@ class Policy(nn.Module):
         A LoRA folder (one with `adapter_config.json`) is restored as its base plus the adapter:
         the base from `base/` inside it, else from the folder its metadata names. `lora` wraps
         the model of a plain folder with a fresh adapter.
+
+        `expect` ("policy" or "reward_model") refuses a folder of the other kind with a
+        `CheckpointError` that names `field` (the config key or argument that gave `path`), e.g.
+        a reward model given as `model.backbone`; see `check_checkpoint_kind`. None loads any folder.
         """
         if not os.path.isdir(path):
-            raise OSError(f"policy folder '{path}' does not exist")
+            raise FileNotFoundError(f"policy folder '{path}' does not exist")
+        if expect is not None:
+            check_checkpoint_kind(path, expect, field)
         meta = read_meta(path)
         tokenizer = load_tokenizer(path)
         critic_path = os.path.join(path, CRITIC_DIR)
@@ -232,7 +281,19 @@ class Policy(nn.Module):
         `merge=True` writes instead a plain HF model with the policy adapter merged into the
         weights (`W + (α / r) B A`), which `AutoModelForCausalLM.from_pretrained` loads; a critic
         adapter is not part of it (a separate critic model is).
+
+        Weights that are not finite are never written: a parameter with NaN or ±inf, or a buffer
+        with NaN, raises `NonFiniteError` naming it, before the folder is created.
         """
+        bad = first_nonfinite(list(self.named_parameters()))
+        what = "parameter"
+        if bad is None:  # a buffer may hold -inf on purpose (an attention mask), never NaN
+            what = "buffer"
+            bad = first_nonfinite([(n, b) for n, b in self.named_buffers()
+                                   if b.is_floating_point() and bool(torch.isnan(b).any())])
+        if bad is not None:
+            raise NonFiniteError(f"refusing to save {path}: {what} '{bad[0]}' is not finite ({bad[1]}); "
+                                 "a non-finite update corrupted the weights, so nothing was written")
         os.makedirs(path, exist_ok=True)
         meta: dict = {"scalar_head": self.scalar_head is not None}
         lora = self.adapter_name is not None and not merge

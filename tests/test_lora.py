@@ -362,6 +362,68 @@ def test_adapter_alone_goes_onto_a_base_and_a_known_base_is_referenced(make_poli
         make_policy(lora=LoraSettings()).save(str(tmp_path / "x"), save_base=False)
 
 
+def test_a_lora_policy_refuses_a_base_that_changed_since_it_was_saved(make_policy, task, tmp_path):
+    from rlhf_lab.errors import CheckpointError
+
+    base, run, copied = str(tmp_path / "base"), str(tmp_path / "run"), str(tmp_path / "copied")
+    make_policy().save(base)
+    policy = Policy.load(base, lora=LoraSettings())
+    args = _batch(policy, task)
+    _train_adapter(policy, args)
+    policy.save(run)  # names base/ in its metadata
+    policy.save(copied, save_base=True)  # holds its own copy in copied/base
+    meta = json.loads((tmp_path / "run" / "rlhf_lab_policy.json").read_text())
+    assert meta["base_fingerprint"].startswith("sha256:")
+    ids, attn, _ = args
+    want = policy.logprobs(ids, attn)
+    torch.testing.assert_close(Policy.load(run).logprobs(ids, attn), want, atol=1e-6, rtol=0)
+
+    make_policy(seed=1).save(base)  # another run overwrites the base folder
+    make_policy(seed=1).save(os.path.join(copied, "base"))
+    for folder, base_dir in ((run, base), (copied, os.path.join(copied, "base"))):
+        with pytest.raises(CheckpointError, match="changed since its adapter was trained") as err:
+            Policy.load(folder)
+        assert f"'{folder}'" in str(err.value) and f"'{base_dir}'" in str(err.value)
+        assert isinstance(err.value, ValueError)
+    # The way out the message names: put the adapter on the new base explicitly.
+    onto = Policy.load_adapter(base, run)
+    assert not torch.allclose(onto.logprobs(ids, attn), want)
+
+
+def test_a_lora_folder_saved_without_a_base_fingerprint_loads_with_a_warning(make_policy, task, tmp_path,
+                                                                              caplog):
+    make_policy().save(str(tmp_path / "base"))
+    policy = Policy.load(str(tmp_path / "base"), lora=LoraSettings())
+    args = _batch(policy, task)
+    _train_adapter(policy, args)
+    policy.save(str(tmp_path / "run"))
+    meta_file = tmp_path / "run" / "rlhf_lab_policy.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["base_fingerprint"]  # as a folder saved before fingerprints were recorded
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="rlhf_lab.models.io"):
+        loaded = Policy.load(str(tmp_path / "run"))
+    assert "records no fingerprint of its base" in caplog.text and str(tmp_path / "base") in caplog.text
+    ids, attn, _ = args
+    torch.testing.assert_close(loaded.logprobs(ids, attn), policy.logprobs(ids, attn), atol=1e-6, rtol=0)
+
+
+def test_weights_fingerprint_follows_the_values_not_the_storage():
+    from rlhf_lab.models.lora import weights_fingerprint
+
+    torch.manual_seed(0)
+    state = {"b.weight": torch.randn(3, 4).bfloat16().float(), "a.bias": torch.zeros(4), "n": torch.tensor(3)}
+    same = weights_fingerprint(state)
+    assert same.startswith("sha256:") and len(same) == len("sha256:") + 64
+    assert weights_fingerprint(dict(reversed(list(state.items())))) == same  # order of the dict
+    assert weights_fingerprint({**state, "b.weight": state["b.weight"].bfloat16()}) == same  # exact in bf16
+    changed = state["b.weight"].clone()
+    changed[1, 2] += 1
+    assert weights_fingerprint({**state, "b.weight": changed}) != same
+    assert weights_fingerprint({**state, "b.weight": state["b.weight"].reshape(4, 3)}) != same
+    assert weights_fingerprint({"c.weight" if k == "b.weight" else k: v for k, v in state.items()}) != same
+
+
 # ---------------------------------------------------------------------- one PPO iteration
 def test_one_ppo_iteration_with_lora_reference_and_critic_adapter(make_policy, task, tmp_path):
     policy = make_policy(seed=0, lora=LoraSettings(), reference="base", critic="adapter")

@@ -173,3 +173,55 @@ def test_long_prompts_keep_their_end_to_fit_the_positions(tokenizer, caplog):
     assert rollout.input_ids[1, 20 - n_short:20].tolist() == tokenizer(short)["input_ids"]
     with pytest.raises(ValueError, match="leaves no room for a prompt"):
         policy.generate([short], max_new_tokens=24)
+
+
+# --------------------------------------------------------------------------- guards: finite weights, the right kind of folder
+
+
+def test_save_refuses_non_finite_weights_and_writes_no_folder(make_policy, tmp_path):
+    from rlhf_lab.errors import NonFiniteError
+
+    policy = make_policy()
+    name, param = next(iter(policy.named_parameters()))
+    with torch.no_grad():
+        param.view(-1)[:3] = float("nan")
+    folder = tmp_path / "sft"
+    with pytest.raises(NonFiniteError) as info:
+        policy.save(str(folder))
+    assert str(info.value) == (f"refusing to save {folder}: parameter '{name}' is not finite "
+                               f"(3 nan, 0 inf of {param.numel()} values); a non-finite update corrupted the "
+                               "weights, so nothing was written")
+    assert not folder.exists()
+    with torch.no_grad():
+        param.view(-1)[:3] = float("inf")
+    with pytest.raises(NonFiniteError, match=r"\(0 nan, 3 inf of "):
+        policy.save(str(folder))
+    assert not folder.exists()
+
+
+def test_load_refuses_a_checkpoint_of_the_wrong_kind(make_policy, tmp_path):
+    from rlhf_lab.errors import CheckpointError
+
+    rm_dir, sft_dir, plain_dir = tmp_path / "reward_model", tmp_path / "sft", tmp_path / "plain"
+    make_policy(scalar_head=True).save(str(rm_dir), extra={"stage": "reward_model"})
+    make_policy().save(str(sft_dir), extra={"stage": "sft"})
+    make_policy().save(str(plain_dir))  # no stage recorded, no head
+    with pytest.raises(CheckpointError) as info:
+        Policy.load(str(rm_dir), expect="policy", field="model.backbone")
+    assert str(info.value) == (f"{rm_dir} is a reward model (stage reward_model); model.backbone needs a policy "
+                               "checkpoint (pretrain, sft, or an RL or DPO stage's)")
+    with pytest.raises(CheckpointError) as info:
+        Policy.load(str(sft_dir), scalar_head=True, expect="reward_model", field="reward.path")
+    assert str(info.value) == (f"{sft_dir} is a policy (stage sft), not a reward model; reward.path needs a "
+                               "reward-model checkpoint (stage reward_model)")
+    with pytest.raises(CheckpointError, match=r"has no score head \(scalar_head.safetensors\), so it is not a "
+                       r"reward model; reward.path needs"):
+        Policy.load(str(plain_dir), scalar_head=True, expect="reward_model", field="reward.path")
+    # The legitimate uses still load: each kind as itself, an SFT policy as the start of a reward
+    # model (a fresh head), and any folder without `expect`.
+    assert Policy.load(str(rm_dir), expect="reward_model").scalar_head is not None
+    assert Policy.load(str(sft_dir), expect="policy").scalar_head is None
+    assert Policy.load(str(sft_dir), scalar_head=True).scalar_head is not None
+    Policy.load(str(rm_dir))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Policy.load(str(tmp_path / "missing"))

@@ -24,8 +24,9 @@ or, when `path` does not exist and looks like a hub dataset id ("openai/gsm8k"),
 `HF_HUB_OFFLINE` or `TRANSFORMERS_OFFLINE` set, a hub id fails at once with FileNotFoundError.
 
 Bad rows (invalid JSON, a non-object row, a missing field, a field of the wrong type, an empty
-completion/chosen/rejected, a row a loader cannot split) raise `DataError` (a ValueError) naming
-the file, the 1-based line (item of a `.json` list, row of a hub dataset) and the field. With
+completion/chosen/rejected, a row a loader cannot split) raise `DataError` (a `rlhf_lab.errors.UserError`,
+so a ValueError) naming the file, the 1-based line (item of a `.json` list, row of a hub dataset) and
+the field. With
 `on_error="skip"` such rows are skipped, counted in `report.n_skipped` / `report.skipped_lines`,
 and a warning with the count and the first line numbers is logged; never silently.
 """
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhf_lab.data.templates import format_prompt
+from rlhf_lab.errors import DataError
 
 __all__ = [
     "DataError",
@@ -78,21 +80,6 @@ EOS_TEXT = "<|endoftext|>"
 _JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 _HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 _SHOWN_LINES = 5  # line numbers named in the skip warning
-
-
-class DataError(ValueError):
-    """A bad row: the message names the file, the 1-based line and the field.
-
-    Attributes: `path` (str), `line` (int | None; the item of a `.json` list, the row of a hub
-    dataset), `field` (str | None; None for invalid JSON or a row that is not an object).
-    """
-
-    def __init__(self, path: str, line: int | None, field: str | None, problem: str,
-                 unit: str = "line"):
-        self.path, self.line, self.field, self.problem = path, line, field, problem
-        where = path if line is None else f"{path}, {unit} {line}"
-        what = problem if field is None else f"field {field!r}: {problem}"
-        super().__init__(f"{where}: {what}")
 
 
 class _FieldError(Exception):
@@ -161,9 +148,9 @@ def _records(path: str | os.PathLike, split: str, config: str | None
             return name, "line", _jsonl_records(p)
         if name.endswith((".json", ".json.gz")):
             return name, "item", _json_list_records(p)
-        raise ValueError(f"{name}: unsupported file type; use one of {', '.join(_JSON_SUFFIXES)}")
+        raise DataError(name, problem=f"unsupported file type; use one of {', '.join(_JSON_SUFFIXES)}")
     if p.exists():
-        raise ValueError(f"{name}: not a file; pass a {'/'.join(_JSON_SUFFIXES)} file")
+        raise DataError(name, problem=f"not a file; pass a {'/'.join(_JSON_SUFFIXES)} file")
     if not _looks_like_hub_id(name):
         raise FileNotFoundError(f"{name}: no such file")
     return name, "row", _hub_records(name, split, config)

@@ -91,14 +91,17 @@ def load_data(config: DataConfig) -> tuple[Rows, Rows]:
 
     Text documents split contiguously (the last `val_fraction`, so no passage is in both);
     other rows by a seeded shuffle (`train_val_split`). `limit` then keeps the first training
-    rows and logs how many it left out.
+    rows and logs how many it left out. A file that gives no rows (empty, only blank lines, or
+    every record skipped as bad) is a `DataError` naming it.
     """
     from rlhf_lab.data.loaders import Rows, tail_split, train_val_split
 
     rows = _read(config, config.path)
+    _require_rows(rows, config, "data.path")
     log.info("%s", rows.report)
     if config.val_path:
         train, val = rows, _read(config, config.val_path)
+        _require_rows(val, config, "data.val_path")
         log.info("%s", val.report)
     elif config.val_fraction and config.format == "text":
         train, val = tail_split(rows, config.val_fraction)
@@ -109,6 +112,24 @@ def load_data(config: DataConfig) -> tuple[Rows, Rows]:
                     config.limit, len(train), len(train) - config.limit)
         train = Rows(train[: config.limit], train.report)
     return train, val
+
+
+def _require_rows(rows: Rows, config: DataConfig, key: str) -> None:
+    """Fail, naming the file and why, when a load gave no rows (before any run folder is written)."""
+    if rows:
+        return
+    from rlhf_lab.errors import DataError
+
+    report = rows.report
+    if report.n_records == 0:
+        problem = "has no rows (the file is empty or holds only blank lines)"
+    elif report.n_skipped == report.n_records:
+        problem = (f"has no usable rows: all {report.n_records} records are bad and were skipped "
+                   f"(data.on_error: skip); first: {report.errors[0]}")
+    else:
+        problem = (f"gave no {config.format} rows from its {report.n_records} records"
+                   + (f" ({report.n_skipped} skipped as bad)" if report.n_skipped else ""))
+    raise DataError(report.source, problem=f"{problem}; {key} needs at least one row")
 
 
 def prompts_of(rows: list) -> list[str]:

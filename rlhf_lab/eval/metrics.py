@@ -22,6 +22,7 @@ from rlhf_lab.data.datasets import SFTDataset, pad_collate
 from rlhf_lab.losses.kl import kl_penalty
 from rlhf_lab.losses.masked import masked_sum
 from rlhf_lab.policy import Policy
+from rlhf_lab.rewards.checks import check_scores
 
 __all__ = [
     "perplexity",
@@ -249,12 +250,10 @@ class EvalResult:
         return columns, [[row[c] for c in columns] for row in self.samples]
 
 
-def _scores(fn: RewardFn, prompts: list[str], completions: list[str]) -> torch.Tensor:
-    out = fn(prompts, completions)
-    scores = torch.as_tensor(out.detach().cpu() if isinstance(out, torch.Tensor) else out, dtype=torch.float64)
-    if scores.shape != (len(completions),):
-        raise ValueError(f"reward function returned shape {tuple(scores.shape)} for {len(completions)} completions")
-    return scores
+def _scores(fn: RewardFn, prompts: list[str], completions: list[str], what: str = "reward") -> torch.Tensor:
+    """`fn`'s scores, checked (one finite score per row, else a `RewardError`), as float64 on the CPU."""
+    return check_scores(fn(prompts, completions), len(completions), fn, prompts, device="cpu",
+                        dtype=torch.float64, what=what)
 
 
 @contextlib.contextmanager
@@ -415,7 +414,7 @@ def evaluate_policy(
         metrics["val/reward"] = mean_reward(rewards)
         columns["reward"] = rewards.tolist()
     if gold_fn is not None:
-        gold = _scores(gold_fn, rows_prompts, completions)
+        gold = _scores(gold_fn, rows_prompts, completions, what="gold reward")
         metrics["val/gold_reward"] = mean_reward(gold)
         columns["gold_reward"] = gold.tolist()
     if kls:

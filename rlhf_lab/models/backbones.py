@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["TINY_CONFIGS", "TOY_NAMES", "backbone_names", "build_tiny_model", "load_backbone"]
+__all__ = ["TINY_CONFIGS", "TOY_NAMES", "backbone_names", "build_tiny_model", "check_backbone_name", "load_backbone"]
 
 # Randomly initialised configs sized to train in seconds on a laptop CPU. Dropout is off: RL
 # needs the log-probs recorded at sampling to equal the ones recomputed for the update.
@@ -82,9 +82,38 @@ def backbone_names() -> list[str]:
     return [*TINY_CONFIGS, *(name for name in TOY_NAMES if name not in TINY_CONFIGS)]
 
 
+def _did_you_mean(name: str) -> str:
+    """" did you mean 'gpt2-tiny'?" for a near miss of a named backbone (difflib), else ""."""
+    import difflib
+
+    close = difflib.get_close_matches(name, backbone_names(), n=3, cutoff=0.8)
+    return f" did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def _unknown(name: str) -> ValueError:
     """The error for a name that is no named backbone, listing every name."""
-    return ValueError(f"unknown backbone {name!r}; choose from: {', '.join(backbone_names())}")
+    from rlhf_lab.errors import ConfigError
+
+    hint = _did_you_mean(name)
+    return ConfigError(f"unknown backbone {name!r};{hint or ''} choose from: {', '.join(backbone_names())}")
+
+
+def check_backbone_name(name: str, field: str = "backbone") -> None:
+    """Refuse a near miss of a named backbone ("gpt2-tiy") before it is looked up on the hub.
+
+    A name that is a named backbone, an existing path, or has a "/" (a hub id "org/model" or a
+    path) passes; so does any name with no close named backbone ("gpt2", "distilgpt2"), which
+    stays a hub id for users with a network. Raises `rlhf_lab.errors.ConfigError`:
+    "model.backbone: unknown backbone 'gpt2-tiy'; did you mean 'gpt2-tiny'? ...".
+    """
+    if name in backbone_names() or "/" in name or os.sep in name or os.path.exists(os.path.expanduser(name)):
+        return
+    hint = _did_you_mean(name)
+    if hint:
+        from rlhf_lab.errors import ConfigError
+
+        raise ConfigError(f"{field}: unknown backbone {name!r};{hint} (named backbones: "
+                          f"{', '.join(backbone_names())}; a local folder or a hub id also works)")
 
 
 def build_tiny_model(
@@ -133,6 +162,8 @@ def load_backbone(
     - A directory loads with `AutoModelForCausalLM.from_pretrained` (any architecture transformers
       knows, and the toy models); `kwargs` go to `from_pretrained` (e.g. `dtype`).
     - A string that can only be a path ("./x", "/x", "a/b/c") but is no directory fails at once.
+    - A near miss of a named backbone without a "/" ("gpt2-tiy") fails at once with a
+      `ConfigError` naming the closest names (`check_backbone_name`).
     - Anything else is a hub id ("gpt2", "org/model"): the local HF cache first, then the hub if
       it can be reached. Offline (`HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE`, or no connection to the
       hub within ~1.5 s) it raises at once, without the hub client's retries.
@@ -155,9 +186,10 @@ def load_backbone(
     path = os.path.expanduser(name_or_path)
     if os.path.isdir(path):
         return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    check_backbone_name(name_or_path)  # "gpt2-tiy": a typo of a named backbone, not a hub id
     names = f"named backbones: {', '.join(backbone_names())}"
     if looks_like_path(name_or_path):
-        raise OSError(f"backbone folder {name_or_path!r} does not exist ({names})")
+        raise FileNotFoundError(f"backbone folder {name_or_path!r} does not exist ({names})")
     local_only = kwargs.pop("local_files_only", False)
     user_adapter_kwargs = kwargs.pop("adapter_kwargs", None) or {}
 

@@ -9,8 +9,8 @@ A policy folder is a Hugging Face folder plus a few files of our own:
     scalar_head.safetensors           the value / score head, when there is one
     critic/                           a separate critic (itself a policy folder), or the critic
                                       adapter and its value head
-    rlhf_lab_policy.json              metadata: scalar_head, critic, base_model, merged_adapter,
-                                      plus what the caller adds (a stage's config)
+    rlhf_lab_policy.json              metadata: scalar_head, critic, base_model, base_fingerprint,
+                                      merged_adapter, plus what the caller adds (a stage's config)
 
 These helpers know models and folders, not the Policy. Every load registers the toy models
 first (`rlhf_lab.models.toy.ensure_registered`), so a folder holding one loads in a fresh process.
@@ -19,6 +19,7 @@ first (`rlhf_lab.models.toy.ensure_registered`), so a folder holding one loads i
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from typing import TYPE_CHECKING
@@ -26,7 +27,8 @@ from typing import TYPE_CHECKING
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from rlhf_lab.models.lora import base_state_dict, load_adapter, save_adapter
+from rlhf_lab.errors import CheckpointError
+from rlhf_lab.models.lora import base_state_dict, load_adapter, save_adapter, weights_fingerprint
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -34,8 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ADAPTER_CONFIG", "ADAPTER_FILE", "BASE_DIR", "CRITIC_ADAPTER", "CRITIC_DIR", "HEAD_FILE", "POLICY_FILE",
-    "find_base", "is_adapter_folder", "load_head", "load_lora_model", "load_model", "read_meta",
-    "save_critic_adapter", "save_head", "save_model", "write_meta",
+    "check_base_fingerprint", "find_base", "is_adapter_folder", "load_head", "load_lora_model", "load_model",
+    "read_meta", "save_critic_adapter", "save_head", "save_model", "write_meta",
 ]
 
 HEAD_FILE = "scalar_head.safetensors"
@@ -45,6 +47,8 @@ BASE_DIR = "base"  # a LoRA policy's base model, inside its folder
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 CRITIC_ADAPTER = "critic"  # the name a saved critic adapter gets on the policy's base
+
+log = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ metadata
@@ -91,9 +95,34 @@ def find_base(path: str, meta: dict) -> str:
                   f"its metadata names ({named!r}) nor its adapter's base ({peft_named!r}) exists")
 
 
-def load_lora_model(path: str, meta: dict) -> PeftModel:
-    """The LoRA folder `path` as its base (see `find_base`) wrapped with its adapter, trainable."""
-    return load_adapter(load_model(find_base(path, meta)), path)
+def load_lora_model(path: str, meta: dict, check_base: bool = True) -> PeftModel:
+    """The LoRA folder `path` as its base (see `find_base`) wrapped with its adapter, trainable.
+
+    The base must hold the weights the adapter was trained on: a base whose fingerprint differs
+    from the one the metadata recorded at save time is refused (`CheckpointError`), unless
+    `check_base=False`. A folder saved before fingerprints were recorded loads with a warning.
+    """
+    base_dir = find_base(path, meta)
+    base = load_model(base_dir)
+    if check_base:
+        check_base_fingerprint(path, base_dir, base, meta.get("base_fingerprint"))
+    return load_adapter(base, path)
+
+
+def check_base_fingerprint(path: str, base_dir: str, base: PreTrainedModel, recorded: str | None) -> None:
+    """Refuse a base that is not the one the LoRA adapter in `path` was saved with (see `load_lora_model`)."""
+    if recorded is None:
+        log.warning("LoRA policy '%s' records no fingerprint of its base (it was saved before rlhf_lab "
+                    "recorded one), so nothing checks that '%s' still holds the weights its adapter was "
+                    "trained on", path, base_dir)
+        return
+    found = weights_fingerprint(base.state_dict())
+    if found != recorded:
+        raise CheckpointError(
+            f"the base model of LoRA policy '{path}' changed since its adapter was trained: '{base_dir}' no "
+            f"longer holds the weights the adapter was saved with (base fingerprint {recorded[:19]}..., "
+            f"now {found[:19]}...); was it overwritten by another run? Restore that base, or, to put the "
+            f"adapter on this base anyway, use Policy.load_adapter('{base_dir}', '{path}')")
 
 
 def load_head(head: nn.Linear, file: str) -> None:
@@ -112,7 +141,8 @@ def save_model(model: PreTrainedModel, path: str, adapter_name: str | None = Non
     Without `adapter_name`: `model.save_pretrained(path)`. With it (`model` is then a PeftModel):
     `merge=True` writes a plain HF model with that adapter merged into the weights
     (`W + (α / r) B A`, metadata `merged_adapter`); otherwise the adapter alone plus its base,
-    which `save_base` places (see `_save_base`, metadata `base_model`). Adapter files an earlier
+    which `save_base` places (see `_save_base`, metadata `base_model`), and the fingerprint of the
+    base's weights (metadata `base_fingerprint`, checked on load). Adapter files an earlier
     save left in `path` are removed when no adapter is written, so loading never mistakes the
     folder for an adapter folder.
     """
@@ -125,6 +155,7 @@ def save_model(model: PreTrainedModel, path: str, adapter_name: str | None = Non
     else:
         save_adapter(model, adapter_name, path)
         meta["base_model"] = _save_base(model, path, save_base)
+        meta["base_fingerprint"] = weights_fingerprint(base_state_dict(model))
     if adapter_name is None or merge:
         for name in (ADAPTER_CONFIG, ADAPTER_FILE):
             if os.path.exists(os.path.join(path, name)):

@@ -273,6 +273,29 @@ def base_state_dict(model: PeftModel, merge_adapter: str | None = None) -> dict[
     return state
 
 
+def weights_fingerprint(state: dict[str, torch.Tensor]) -> str:
+    """'sha256:<hex>' over a state dict: each tensor's name, shape and values, in name order.
+
+    A LoRA policy records its base's fingerprint when saved, so a load can tell that the base
+    folder still holds the weights the adapter was trained on. It depends on the values only, not
+    on how they were stored (one file or shards) or loaded: floating tensors of 32 bits or fewer
+    are hashed as float32, which holds a bf16 or fp16 value exactly. It reads every byte once
+    (about a second per GB).
+    """
+    import hashlib
+
+    import torch
+
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        if tensor.is_floating_point() and tensor.element_size() <= 4:
+            tensor = tensor.float()
+        digest.update(f"{name}\0{tuple(tensor.shape)}\0{tensor.dtype}\0".encode())
+        digest.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return "sha256:" + digest.hexdigest()
+
+
 def parameter_bytes(module: nn.Module) -> int:
     """Bytes of the distinct storages behind a module's parameters and buffers.
 

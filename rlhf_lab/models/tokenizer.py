@@ -163,7 +163,7 @@ def load_tokenizer(path_or_name: str, **kwargs) -> PreTrainedTokenizerBase:
     elif looks_like_path(path_or_name):
         # A hub id is "name" or "org/name"; anything else is a mistyped path, so say so at once
         # instead of waiting on the hub.
-        raise OSError(f"tokenizer folder {path_or_name!r} does not exist")
+        raise FileNotFoundError(f"tokenizer folder {path_or_name!r} does not exist")
     else:
         local_only = kwargs.pop("local_files_only", False)
         tok = from_cache_or_hub(

@@ -4,6 +4,10 @@ A reward source is any callable `(prompts: list[str], completions: list[str]) ->
 `RewardModelSource` wraps a trained reward model (a `Policy` with a scalar head); `CallableSource`
 wraps a Python function returning floats, such as a task's gold judge; `WeightedSum` combines
 several sources.
+
+Every score a run uses passes `check_scores` where it enters (the online stages, the evaluation,
+the normalisation, the demo's pairs): one finite score per row, else a `RewardError` naming the
+source and the row.
 """
 
 from __future__ import annotations
@@ -14,8 +18,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from rlhf_lab.errors import RewardError
+from rlhf_lab.rewards.checks import check_scores, reward_name
+
 if TYPE_CHECKING:
     from rlhf_lab.policy import Policy
+
+__all__ = ["CallableSource", "RewardError", "RewardModelSource", "WeightedSum", "check_scores", "reward_name"]
 
 
 class CallableSource:
@@ -25,7 +34,7 @@ class CallableSource:
         self.fn = fn
 
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        return torch.as_tensor(self.fn(prompts, completions), dtype=torch.float)
+        return check_scores(self.fn(prompts, completions), len(completions), self, prompts)
 
 
 class WeightedSum:
@@ -47,7 +56,7 @@ class WeightedSum:
     def __call__(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
         total = None
         for weight, source in self.terms:
-            scores = torch.as_tensor(source(prompts, completions), dtype=torch.float)
+            scores = check_scores(source(prompts, completions), len(completions), source, prompts)
             total = weight * scores if total is None else total + weight * scores
         return total
 
@@ -73,9 +82,15 @@ class RewardModelSource:
         self.shift, self.scale = shift, scale
 
     def normalize(self, prompts: list[str], completions: list[str]) -> RewardModelSource:
-        """Set shift/scale so these (reference) samples score mean 0, std 1; returns self."""
+        """Set shift/scale so these (reference) samples score mean 0, std 1; returns self.
+
+        Needs at least two samples (a standard deviation); a non-finite score is a `RewardError`.
+        """
+        if len(completions) < 2:
+            raise RewardError(f"reward {reward_name(self)}: normalize needs at least 2 samples to measure a "
+                              f"standard deviation, got {len(completions)} (reward.normalize_prompts in a fit config)")
         self.shift, self.scale = 0.0, 1.0
-        raw = self(prompts, completions)
+        raw = check_scores(self(prompts, completions), len(completions), self, prompts)
         self.shift, self.scale = float(raw.mean()), float(raw.std().clamp(min=1e-6))
         return self
 

@@ -1,6 +1,7 @@
 """One LightningModule per stage: wiring, logging and optimisers (losses live in `losses/`)."""
 
 from rlhf_lab.stages.dpo import DPO, DPOConfig, OnlineDPO
+from rlhf_lab.stages.guards import NonFiniteGuard
 from rlhf_lab.stages.lm import SFT, Pretrain, PretrainConfig, SFTConfig
 from rlhf_lab.stages.online import PPO, OnlineRL, OnlineRLConfig, PPOConfig
 from rlhf_lab.stages.reward_model import RewardModel, RewardModelConfig
@@ -25,7 +26,7 @@ def get_stage(name: str):
 
 
 __all__ = [
-    "DPO", "DPOConfig", "OnlineDPO",
+    "DPO", "DPOConfig", "NonFiniteGuard", "OnlineDPO",
     "OnlineRL", "OnlineRLConfig", "PPO", "PPOConfig", "Pretrain", "PretrainConfig", "RewardModel", "RewardModelConfig",
     "SFT", "SFTConfig", "STAGES", "get_stage",
 ]

@@ -121,3 +121,30 @@ def test_real_files_through_configs():
     assert len(pairs) == 731
     dolly, _ = load_data(DataConfig(format="dolly", path=shared("dolly/dolly-sample.jsonl"), limit=100))
     assert len(dolly) == 100
+
+
+def test_a_file_without_rows_fails_naming_it(tmp_path):
+    from rlhf_lab.errors import UserError
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n   \n\n")
+    for path in (empty, blank):
+        with pytest.raises(DataError) as info:
+            load_data(DataConfig(format="prompt_completion", path=str(path)))
+        assert str(info.value) == (f"{path}: has no rows (the file is empty or holds only blank lines); data.path "
+                                   "needs at least one row")
+        assert isinstance(info.value, UserError) and info.value.path == str(path) and info.value.line is None
+    bad = _jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}, {"prompt": "q"}])  # no completion: every row is bad
+    with pytest.raises(DataError, match=r"bad.jsonl: has no usable rows: all 2 records are bad and were skipped "
+                       r"\(data.on_error: skip\); first: .*bad.jsonl, line 1: field 'completion': missing; "
+                       r"data.path needs at least one row$"):
+        load_data(DataConfig(format="prompt_completion", path=bad, on_error="skip"))
+    good = _jsonl(tmp_path / "good.jsonl", [{"prompt": "p", "completion": "c"}])
+    with pytest.raises(DataError, match=r"empty.jsonl: has no rows .*; data.val_path needs at least one row$"):
+        load_data(DataConfig(format="prompt_completion", path=good, val_path=str(empty)))
+    text = tmp_path / "blank.txt"
+    text.write_text("\n\n")
+    with pytest.raises(DataError, match="blank.txt: no non-empty text"):
+        load_data(DataConfig(format="text", path=str(text)))

@@ -159,3 +159,23 @@ def test_missing_local_path_fails_at_once(tmp_path, no_network):
     with pytest.raises(OSError, match="does not exist"):
         load_backbone(str(tmp_path / "missing"))
     assert no_network == []
+
+
+def test_a_near_miss_of_a_named_backbone_is_refused_with_the_closest_names(tokenizer, no_network):
+    from rlhf_lab.errors import ConfigError
+    from rlhf_lab.models.backbones import check_backbone_name
+    from rlhf_lab.runs.builder import ModelConfig, build_policy
+
+    with pytest.raises(ConfigError) as info:
+        load_backbone("gpt2-tiy", tokenizer)
+    assert str(info.value).startswith("backbone: unknown backbone 'gpt2-tiy'; did you mean 'gpt2-tiny'? (named "
+                                      "backbones: gpt2-tiny, llama-tiny, opt-tiny")
+    with pytest.raises(ConfigError, match=r"^model.backbone: unknown backbone 'lama-tiny'; did you mean "
+                       r"'llama-tiny'\?"):
+        build_policy(ModelConfig(backbone="lama-tiny"), ["some text"])
+    assert no_network == []  # refused before any hub lookup
+    with pytest.raises(ValueError, match=r"unknown backbone 'gpt3-tiny'; did you mean 'gpt2-tiny' or 'opt-tiny'\? choose from: "):
+        build_tiny_model("gpt3-tiny", tokenizer)
+    # Hub ids and paths pass the check (a network may serve them); so do names close to no tiny name.
+    for name in ("gpt2", "distilgpt2", "gpt2-large", "org/gpt2-tiy", "facebook/opt-125m", "gpt2-tiny"):
+        check_backbone_name(name)
