@@ -43,8 +43,9 @@ def _demo(args: argparse.Namespace) -> int:
     if args.quick:
         config.pretrain_steps, config.sft_steps, config.reward_steps, config.final_budget = 40, 20, 20, 4
         config.pair_samples, config.eval_every = 4, 2
+    config.checkpoint_every = args.checkpoint_every
     run_demo(out=args.out, config=config, logger=args.logger, algorithm=args.algorithm,
-             progress=not args.no_progress)
+             progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -76,6 +77,9 @@ def _add_demo(sub, names: dict) -> None:
     demo.add_argument("--quick", action="store_true",
                       help="tiny budgets (seconds, not minutes): checks the wiring, learns little")
     demo.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    demo.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                      help="optimiser steps between each stage's checkpoints (default 100; 0 = none)")
+    _add_folder_flags(demo, "the run folder")
     demo.set_defaults(func=_demo)
 
 
@@ -97,7 +101,8 @@ every key of a stage with its value):
     eval.samples_per_prompt, eval.greedy_gold, eval.seed
   budget.amount, budget.unit                 online stages: stop at an equal budget
   trainer.max_steps, trainer.accelerator, trainer.devices, trainer.precision, trainer.strategy,
-    trainer.val_check_interval, trainer.log_every_n_steps, trainer.enable_progress_bar
+    trainer.val_check_interval, trainer.log_every_n_steps, trainer.enable_progress_bar,
+    trainer.on_nonfinite (skip|stop)          a NaN/inf gradient: skip the step (train/skipped_steps) or fail
   logger.kind (csv|wandb|both|none), logger.project, logger.group, logger.tags, logger.name,
     logger.offline
 
@@ -130,7 +135,7 @@ def _stage_keys_help(stage: str | None) -> str:
 def _fit(args: argparse.Namespace, overrides: list[str]) -> int:
     _quiet()
     from rlhf_lab.config import ConfigError, dump_yaml
-    from rlhf_lab.experiment import config_from_files, fit
+    from rlhf_lab.experiment import config_from_files
     from rlhf_lab.runs import plain_config
 
     # --out and --task are shorthands for the keys of the same names.
@@ -143,8 +148,28 @@ def _fit(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.print_config:
         print(dump_yaml(plain_config(config)), end="")
         return 0
-    fit(config)
+    from rlhf_lab.runs.builder import build_run
+
+    try:  # a config the builder refuses (a missing reward.path, a knob the stage cannot use) is a user error
+        run = build_run(config, resume=args.resume, overwrite=args.overwrite)
+    except ValueError as e:
+        if getattr(args, "debug", False):
+            import traceback
+
+            traceback.print_exc()
+        print(f"rlhf-lab fit: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    run.fit(echo=print)
     return 0
+
+
+def _add_folder_flags(parser, folder: str) -> None:
+    """--resume / --overwrite: what a command does with a run folder that already holds something."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--resume", action="store_true",
+                       help=f"continue the run in {folder} from its last checkpoint (a finished run is left "
+                       "as it is); without --resume or --overwrite a non-empty folder is refused")
+    group.add_argument("--overwrite", action="store_true", help=f"delete {folder} first and start over")
 
 
 def _add_fit(sub, argv: list[str], names: dict) -> None:
@@ -164,6 +189,7 @@ def _add_fit(sub, argv: list[str], names: dict) -> None:
                      help="YAML config (repeatable: later files override earlier ones)")
     fit.add_argument("--out", help="run folder (same as --out in the YAML; default runs/fit)")
     fit.add_argument("--task", choices=list(names["tasks"]), help="built-in task as data and gold judge")
+    _add_folder_flags(fit, "<out>/<NAME>/")
     fit.add_argument("--print_config", "--print-config", action="store_true", dest="print_config",
                      help="print the resolved config as YAML and exit")
     fit.set_defaults(func=_fit, takes_overrides=True)
@@ -199,7 +225,7 @@ def _generate(args: argparse.Namespace) -> int:
     from rlhf_lab.policy import Policy
 
     prompts = _read_prompts(args)
-    policy = Policy.load(args.checkpoint).eval()
+    policy = Policy.load(args.checkpoint, expect="policy", field="generate's checkpoint").eval()
     generator = torch.Generator().manual_seed(args.seed)
     rows = []
     with torch.no_grad():
@@ -289,6 +315,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         "PPO/REINFORCE/RLOO/GRPO/TRPO, DPO) with PyTorch Lightning.",
     )
     parser.add_argument("--version", action="version", version=f"rlhf_lab {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="on an error, print the full traceback (a user error is otherwise one line, exit code 2)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     names = _names()
     _add_demo(sub, names)
@@ -301,18 +329,50 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message joined with '; ')."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns the exit code.
+
+    A user error (`rlhf_lab.errors.UserError`: a config, data file, checkpoint, reward or
+    non-finite update; or a missing file) is printed as one line, `rlhf-lab <command>: error:
+    <message>`, on stderr and returns 2. `--debug` (anywhere on the line) prints the traceback too.
+    """
+    from rlhf_lab.errors import UserError
+
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted after the command too, where fit would read it as an override
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
-    if getattr(args, "takes_overrides", False):
-        return args.func(args, extra)
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return args.func(args)
+    args.debug = debug
+    try:
+        if getattr(args, "takes_overrides", False):
+            return args.func(args, extra)
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args.func(args)
+    except (UserError, FileNotFoundError) as e:
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"rlhf-lab {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:  # Ctrl-C / SIGTERM: the run stopped at a step; its checkpoints stay
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        print(f"rlhf-lab {args.command}: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ from rlhf_lab.algorithms import algorithm_names, get_algorithm
 from rlhf_lab.eval import greedy_completions
 from rlhf_lab.models.lora import LoraSettings
 from rlhf_lab.policy import Policy
-from rlhf_lab.rewards import RewardModelSource
+from rlhf_lab.rewards import RewardModelSource, check_scores
 from rlhf_lab.runs.builder import (
+    CheckpointConfig,
     EvalConfig,
     FitConfig,
     ModelConfig,
@@ -69,6 +70,7 @@ class DemoConfig:
     eval_every: int = 10  # iterations (dpo: a fifth of its steps) between evaluations of the last stage
     max_new_tokens: int | None = None  # generation length everywhere; None = the task's own
     vocab_size: int | None = None  # BPE size of the trained tokenizer; None = the task's own
+    checkpoint_every: int = 100  # optimiser steps between each stage's checkpoints (0 = none: no resume)
 
     def budget(self, algorithm: str) -> int:
         """Iterations (online) or optimiser steps (dpo) of the last stage."""
@@ -104,7 +106,8 @@ def build_preference_pairs(policy: Policy, prompts: list[str], judge, samples: i
     rng = random.Random(seed)
     rollout = policy.generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                               samples_per_prompt=samples, generator=gen)
-    scores = judge(rollout.prompts, rollout.completions)
+    scores = check_scores(judge(rollout.prompts, rollout.completions), len(rollout), judge, rollout.prompts,
+                          what="judge")
     return rank_into_pairs(rollout.prompts, rollout.completions, scores, rng, max_pairs_per_prompt)
 
 
@@ -231,26 +234,77 @@ def _stage(c: DemoConfig, out: str, name: str, backbone: str, config, steps: int
     """The FitConfig of one demo stage."""
     vocab = c.vocab_size or get_task(c.task).vocab_size
     return FitConfig(stage=name, out=out, seed=c.seed, task=c.task,
+                     checkpoint=CheckpointConfig(every_n_steps=c.checkpoint_every),
                      model=ModelConfig(backbone=backbone, vocab_size=vocab, **kwargs.pop("model", {})),
                      config=config, trainer=TrainerConfig(max_steps=steps, enable_progress_bar=progress),
                      logger=logger, **kwargs)
 
 
+STATE_FILE = "demo_state.pt"
+
+
+class _Progress:
+    """The demo's own checkpoint between stages: `<out>/demo_state.pt`.
+
+    After each stage (and after the reward normalisation) it records the random states and what
+    the next stages take from memory (the SFT completions before RL, the preference pairs, the
+    normalisation), written atomically. A resumed pipeline skips every step recorded here, puts
+    the random states back, and goes on exactly as the uninterrupted run did; an unfinished stage
+    resumes from its own Lightning checkpoint (`build_run(resume=True)`).
+    """
+
+    def __init__(self, out: str, resume: bool):
+        from rlhf_lab.runs.checkpoint import is_complete
+
+        self.path = os.path.join(out, STATE_FILE)
+        self.state: dict = {}
+        if resume and os.path.exists(self.path):
+            self.state = torch.load(self.path, weights_only=True)
+            # A step counts only when its stage folder is complete too.
+            self.state = {k: v for k, v in self.state.items()
+                          if k == "normalized" or is_complete(os.path.join(out, k))}
+
+    def done(self, step: str) -> dict | None:
+        """The record of a finished step, with the random states after it put back; else None."""
+        from rlhf_lab.runs.checkpoint import set_rng_state
+
+        record = self.state.get(step)
+        if record is not None:
+            set_rng_state(record["rng"])
+        return record
+
+    def record(self, step: str, **values) -> None:
+        from rlhf_lab.runs.checkpoint import rng_state
+
+        self.state[step] = {"rng": rng_state(), **values}
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        torch.save(self.state, tmp)
+        os.replace(tmp, self.path)
+
+
+def _summary_metrics(folder: str) -> dict:
+    with open(os.path.join(folder, "summary.json")) as f:
+        return json.load(f)["metrics"]
+
+
 def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
-               run_config=None, progress: bool = True, echo=print) -> Base:
+               run_config=None, progress: bool = True, echo=print, resume: bool = False) -> Base:
     """Stages 1-3 of the demo: pretrain → SFT → preference pairs → reward model → normalised reward.
 
     Writes `pretrain/`, `sft/` and `reward_model/` (HF folders beside each stage's Lightning logs)
     into `out` and prints a table per stage through `echo`; each stage is one `build_run`. The
     pipeline is seeded once with `config.seed`, before pretraining, and each later stage goes on
-    from the random stream the one before left (so a seed gives the numbers it always gave). The reward model is normalised (mean 0, std 1) on one sample per RL prompt
-    of the SFT policy at temperature 1. Returns a `Base`.
+    from the random stream the one before left (so a seed gives the numbers it always gave). The
+    reward model is normalised (mean 0, std 1) on one sample per RL prompt of the SFT policy at
+    temperature 1. `resume` goes on from `out/demo_state.pt` and the stages' checkpoints (see
+    `_Progress`), with the same numbers as an uninterrupted run. Returns a `Base`.
     """
     c = config or DemoConfig()
     task = get_task(c.task)
     max_new_tokens = c.new_tokens()
     logger = logger if isinstance(logger, LoggerConfig) else LoggerConfig(kind=logger)
     os.makedirs(out, exist_ok=True)
+    progress_file = _Progress(out, resume)
     eval_prompts = task.eval_prompts()
     summary: dict = {}
     common = dict(logger=logger, progress=progress)
@@ -258,22 +312,32 @@ def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerC
 
     # 1. Pretraining: a named backbone starts from scratch with a tokenizer trained on the task's
     # own text; a local HF folder brings its weights and tokenizer and is trained further.
-    run = build_run(_stage(c, out, "pretrain", c.backbone, c.pretrain, c.pretrain_steps, eval=no_eval, **common),
-                    task=task, run_config=run_config)
-    val = run.fit()["metrics"]
+    if progress_file.done("pretrain") is not None:
+        val = _summary_metrics(os.path.join(out, "pretrain"))
+    else:
+        run = build_run(_stage(c, out, "pretrain", c.backbone, c.pretrain, c.pretrain_steps, eval=no_eval,
+                               **common), task=task, run_config=run_config, resume=resume)
+        val = run.fit()["metrics"]
+        progress_file.record("pretrain")
     summary["pretrain"] = {"val_loss": val["val/loss"], "val_perplexity": val["val/perplexity"]}
     echo(_table("pretrain", [("steps", str(c.pretrain_steps)), ("val loss", f"{val['val/loss']:.3f}"),
                              ("val perplexity", f"{val['val/perplexity']:.2f}")]))
 
     # 2. SFT on the task's question → answer pairs (loss on the answer only), evaluated greedily
     # on the eval prompts by the gold judge.
-    sft_eval = EvalConfig(prompts=len(eval_prompts), at_start=False, max_new_tokens=max_new_tokens)
-    run = build_run(_stage(c, out, "sft", os.path.join(out, "pretrain"), c.sft, c.sft_steps, eval=sft_eval,
-                           **common), task=task, eval_prompts=eval_prompts, references=[], run_config=run_config,
-                    reseed=False)
-    val = run.fit()["metrics"]
-    policy = run.policy
-    before = greedy_completions(policy, eval_prompts, max_new_tokens)
+    record = progress_file.done("sft")
+    if record is not None:
+        val, before = _summary_metrics(os.path.join(out, "sft")), list(record["before"])
+        policy = Policy.load(os.path.join(out, "sft"))
+    else:
+        sft_eval = EvalConfig(prompts=len(eval_prompts), at_start=False, max_new_tokens=max_new_tokens)
+        run = build_run(_stage(c, out, "sft", os.path.join(out, "pretrain"), c.sft, c.sft_steps, eval=sft_eval,
+                               **common), task=task, eval_prompts=eval_prompts, references=[],
+                        run_config=run_config, reseed=False, resume=resume)
+        val = run.fit()["metrics"]
+        policy = run.policy
+        before = greedy_completions(policy, eval_prompts, max_new_tokens)
+        progress_file.record("sft", before=before)
     sft_acc = val["val/gold_reward"]
     summary["sft"] = {"val_loss": val["val/loss"], "gold_accuracy": sft_acc}
     echo(_table("sft", [("steps", str(c.sft_steps)), ("val loss", f"{val['val/loss']:.3f}"),
@@ -281,22 +345,36 @@ def build_base(out: str, config: DemoConfig | None = None, logger: str | LoggerC
 
     # 3. Reward model on SFT samples ranked by the gold judge.
     rm_prompts = task.rl_prompts(seed=c.seed)
-    pairs = build_preference_pairs(policy, rm_prompts, task.gold_reward, c.pair_samples, c.pair_temperature,
-                                   max_new_tokens, c.seed)
-    random.Random(c.seed).shuffle(pairs)
+    record = progress_file.done("reward_model")
+    if record is not None:
+        pairs = [dict(p) for p in record["pairs"]]
+        val = _summary_metrics(os.path.join(out, "reward_model"))
+        reward_policy = Policy.load(os.path.join(out, "reward_model"), scalar_head=True)
+    else:
+        pairs = build_preference_pairs(policy, rm_prompts, task.gold_reward, c.pair_samples, c.pair_temperature,
+                                       max_new_tokens, c.seed)
+        random.Random(c.seed).shuffle(pairs)
+        n_val = max(1, len(pairs) // 10)
+        run = build_run(_stage(c, out, "reward_model", os.path.join(out, "sft"), c.reward, c.reward_steps,
+                               eval=no_eval, **common), task=task, rows=(pairs[n_val:], pairs[:n_val]),
+                        run_config=run_config, reseed=False, resume=resume)
+        val = run.fit()["metrics"]
+        reward_policy = run.policy
+        progress_file.record("reward_model", pairs=pairs)
     n_val = max(1, len(pairs) // 10)
-    run = build_run(_stage(c, out, "reward_model", os.path.join(out, "sft"), c.reward, c.reward_steps,
-                           eval=no_eval, **common), task=task, rows=(pairs[n_val:], pairs[:n_val]),
-                    run_config=run_config, reseed=False)
-    val = run.fit()["metrics"]
     summary["reward_model"] = {"pairs": len(pairs), "val_accuracy": val["val/accuracy"], "val_loss": val["val/loss"]}
     echo(_table("reward model", [("preference pairs", f"{len(pairs)} ({n_val} held out)"),
                                  ("val accuracy", f"{val['val/accuracy']:.1%}")]))
 
     # The reward model is normalised on SFT samples, so a score reads in standard deviations of
     # the SFT policy's rewards (Stiennon et al. 2020; Ouyang et al. 2022).
-    samples = policy.generate(rm_prompts, max_new_tokens=max_new_tokens, temperature=1.0)
-    reward_fn = RewardModelSource(run.policy).normalize(samples.prompts, samples.completions)
+    record = progress_file.done("normalized")
+    if record is not None:
+        reward_fn = RewardModelSource(reward_policy, shift=record["shift"], scale=record["scale"])
+    else:
+        samples = policy.generate(rm_prompts, max_new_tokens=max_new_tokens, temperature=1.0)
+        reward_fn = RewardModelSource(reward_policy).normalize(samples.prompts, samples.completions)
+        progress_file.record("normalized", shift=reward_fn.shift, scale=reward_fn.scale)
     return Base(task=task, sft=policy, reward_fn=reward_fn, pairs=pairs, n_val=n_val, sft_before=before,
                 summary=summary)
 
@@ -330,20 +408,33 @@ def final_run_config(c: DemoConfig, algorithm: str, out: str, base_dir: str, log
 
 
 def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: str | LoggerConfig = "csv",
-             algorithm: str = "ppo", progress: bool = True, echo=print) -> dict:
+             algorithm: str = "ppo", progress: bool = True, echo=print, resume: bool = False,
+             overwrite: bool = False) -> dict:
     """Run the four stages and write everything to `out` (default `runs/demo-<time>/`).
 
     The folder holds `pretrain/`, `sft/`, `reward_model/`, `<algorithm>/` — each an HF checkpoint
     folder (model, tokenizer, `rlhf_lab_policy.json`) beside the stage's Lightning CSV `metrics.csv`
     and `summary.json` — plus the demo's `summary.json` and `rl_curve.png`. Stages 1-3 are
     `build_base`; the last stage is `final_run_config` through the same builder. Returns the summary.
+
+    A folder that holds anything is refused unless `resume` (go on from the last finished step
+    and the unfinished stage's checkpoint, with the numbers of an uninterrupted run; a finished
+    demo only prints its summary) or `overwrite` (delete it first).
     """
+    from rlhf_lab.runs.checkpoint import prepare_run_folder, write_complete, write_json
+
     if algorithm not in algorithm_names():
         raise ValueError(f"algorithm must be one of {', '.join(algorithm_names())}; got {algorithm!r}")
     c = config or DemoConfig()
     task = get_task(c.task)
     max_new_tokens = c.new_tokens()
     out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
+    if prepare_run_folder(out, resume=resume, overwrite=overwrite)[0] == "finished":
+        with open(os.path.join(out, "summary.json")) as f:
+            summary = json.load(f)
+        echo(f"{out}: the demo finished already ({summary['rl']['algorithm']}: greedy gold score "
+             f"{summary['sft']['gold_accuracy']:.1%} → {summary['rl']['gold_accuracy']:.1%})")
+        return summary
     os.makedirs(out, exist_ok=True)
     run_name = os.path.basename(os.path.normpath(out))
     start = time.perf_counter()
@@ -360,7 +451,8 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
                      "config": asdict(c)}
 
     # 1-3. Pretrain, SFT, reward model (and its normalisation on SFT samples).
-    base = build_base(out, c, logger=log_config, run_config=run_config, progress=progress, echo=echo)
+    base = build_base(out, c, logger=log_config, run_config=run_config, progress=progress, echo=echo,
+                      resume=resume)
     summary.update(base.summary)
     sft_acc, before = summary["sft"]["gold_accuracy"], base.sft_before
 
@@ -368,9 +460,10 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     # trains on the gold-ranked pairs the reward model was trained on.
     fit_config = final_run_config(c, algorithm, out, out, log_config, progress)
     rows = (base.pairs[base.n_val:], base.pairs[:base.n_val]) if fit_config.stage_name == "dpo" else None
-    run = build_run(fit_config, task=task, rows=rows, reward_fn=base.reward_fn, run_config=run_config, reseed=False)
+    run = build_run(fit_config, task=task, rows=rows, reward_fn=base.reward_fn, run_config=run_config, reseed=False,
+                    resume=resume)
     result = run.fit()
-    policy, last = run.policy, run.evaluator.history[-1]
+    policy, last = run.policy, result["history"][-1]
     after = greedy_completions(policy, eval_prompts, max_new_tokens)
     rl_acc = last["val/greedy_gold_reward"]
     summary["rl"] = {"algorithm": algorithm, "lora": c.lora is not None, "gold_accuracy": rl_acc,
@@ -381,11 +474,10 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
                             ("greedy gold score", f"{sft_acc:.1%} → {rl_acc:.1%}")]))
     echo(_samples_table(eval_prompts, before, after, judge))
 
-    _plot(getattr(run.stage, "history", []), run.evaluator.history, os.path.join(out, "rl_curve.png"), algorithm,
-          task.name)
+    _plot(result["train_history"], result["history"], os.path.join(out, "rl_curve.png"), algorithm, task.name)
     summary["seconds"] = time.perf_counter() - start
-    with open(os.path.join(out, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(out, "summary.json"), summary)
+    write_complete(out, {"demo": algorithm, "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
     echo(f"\nwrote {out}/ (summary.json, rl_curve.png, one checkpoint folder per stage) "
          f"in {summary['seconds']:.0f} s")
     return summary

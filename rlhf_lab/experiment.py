@@ -33,14 +33,16 @@ __all__ = ["EvalConfig", "FitConfig", "ModelConfig", "RewardConfig", "TrainerCon
            "config_from_files", "evaluate_checkpoint", "fit", "fit_from_files"]
 
 
-def fit(config: FitConfig, echo=print) -> dict:
+def fit(config: FitConfig, echo=print, resume: bool = False, overwrite: bool = False) -> dict:
     """Train `config.stage` and write `<out>/<stage>/`; returns the summary (also in summary.json).
 
-    This is `build_run(config).fit()`: the summary holds `metrics` (the last value of every logged
+    `resume` continues the run in that folder from its newest checkpoint (a finished run is
+    returned as it is); `overwrite` deletes the folder first; without either, a folder that holds
+    anything is refused. This is `build_run(config, resume=..., overwrite=...).fit()`: the summary holds `metrics` (the last value of every logged
     scalar, then the last evaluation), `history` (one dict of val/ metrics per evaluation, with its
     `step`), `steps`, `seconds`, the row counts and the resolved `config`.
     """
-    return build_run(config).fit(echo=echo)
+    return build_run(config, resume=resume, overwrite=overwrite).fit(echo=echo)
 
 
 # --------------------------------------------------------------------------- eval
@@ -59,13 +61,13 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, data_format: s
 
     from rlhf_lab.eval.metrics import evaluate_policy, reward_model_accuracy, sequence_kl
     from rlhf_lab.policy import Policy
-    from rlhf_lab.rewards import CallableSource, RewardModelSource
+    from rlhf_lab.rewards import CallableSource, RewardModelSource, check_scores
     from rlhf_lab.tasks import get_task
 
     if task is None and data_path is None:
         raise ValueError("give a task or a data file to evaluate on")
     torch.manual_seed(seed)
-    policy = Policy.load(checkpoint).eval()
+    policy = Policy.load(checkpoint, expect="policy", field="the checkpoint to evaluate").eval()
     the_task = get_task(task) if task else None
     references, gold, pairs = None, None, None
     if data_path is not None:
@@ -85,8 +87,9 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, data_format: s
     if the_task is not None:
         gold = CallableSource(the_task.gold_reward)
     max_new = max_new_tokens or (the_task.max_new_tokens if the_task else 64)
-    reward_fn = RewardModelSource(Policy.load(reward_model, scalar_head=True)) if reward_model else None
-    ref_policy = Policy.load(reference).eval() if reference else None
+    reward_fn = RewardModelSource(Policy.load(reward_model, scalar_head=True, expect="reward_model",
+                                              field="--reward-model")) if reward_model else None
+    ref_policy = Policy.load(reference, expect="policy", field="--reference").eval() if reference else None
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         # The win rate against the reference is judged by the reward model, else by the gold judge.
@@ -101,8 +104,11 @@ def evaluate_checkpoint(checkpoint: str, task: str | None = None, data_format: s
             ref_lp = ref_policy.logprobs(rollout.input_ids, rollout.attention_mask)
             metrics["val/kl"] = sequence_kl(rollout.logprobs, ref_lp, rollout.response_mask.float())
         if pairs is not None and reward_fn is not None:
-            chosen = reward_fn([r["prompt"] for r in pairs], [r["chosen"] for r in pairs])
-            rejected = reward_fn([r["prompt"] for r in pairs], [r["rejected"] for r in pairs])
+            pair_prompts = [r["prompt"] for r in pairs]
+            chosen = check_scores(reward_fn(pair_prompts, [r["chosen"] for r in pairs]), len(pairs), reward_fn,
+                                  pair_prompts)
+            rejected = check_scores(reward_fn(pair_prompts, [r["rejected"] for r in pairs]), len(pairs), reward_fn,
+                                    pair_prompts)
             metrics["val/reward_model_accuracy"] = reward_model_accuracy(chosen, rejected)
     out = out or os.path.join(checkpoint, "eval")
     os.makedirs(out, exist_ok=True)

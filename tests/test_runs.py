@@ -17,7 +17,7 @@ def _stage(make_policy, task):
 def test_csv_is_the_default_and_records_the_full_config(make_policy, task, tmp_path):
     run_config = {"config": PretrainConfig(lr=1e-3), "data": {"path": "corpus.txt"}, "seed": 3}
     trainer = make_trainer(str(tmp_path), "pretrain", 3, run_config=run_config, enable_progress_bar=False)
-    assert [type(lg).__name__ for lg in trainer.loggers] == ["CSVLogger"]
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["RunCSVLogger"]
     trainer.fit(_stage(make_policy, task))
     with open(tmp_path / "pretrain" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -54,14 +54,14 @@ def test_wandb_offline_without_an_api_key_with_project_group_tags_and_config(mak
     config = LoggerConfig(kind="both", project="rlhf_lab_test", group="cmp-1", tags=["algorithm:ppo", "seed:2"])
     run_config = {"config": PretrainConfig(lr=1e-3), "seed": 2}
     trainer = make_trainer(str(tmp_path), "pretrain", 3, logger=config, run_config=run_config,
-                           enable_progress_bar=False)
-    assert [type(lg).__name__ for lg in trainer.loggers] == ["CSVLogger", "WandbLogger"]
+                           enable_progress_bar=False, run_id="resumable01")
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["RunCSVLogger", "WandbLogger"]
     try:
         trainer.fit(_stage(make_policy, task))
         run = trainer.loggers[1].experiment
         seen = dict(project=run.project, group=run.group, name=run.name, tags=sorted(run.tags),
                     offline=run.settings._offline, lr=run.config["config"]["lr"], seed=run.config["seed"],
-                    block=run.config["config"]["block_size"])
+                    block=run.config["config"]["block_size"], id=run.id)
     finally:
         finish_loggers(trainer)
     assert seen["offline"]
@@ -71,6 +71,8 @@ def test_wandb_offline_without_an_api_key_with_project_group_tags_and_config(mak
     # Offline files: a run folder under <out>/wandb/ holding the config for `wandb sync`.
     runs = [d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-")]
     assert len(runs) == 1
+    # The run id given (a resumed run passes the one it started with) names the wandb run.
+    assert seen["id"] == "resumable01" and runs[0].endswith("-resumable01")
     # Offline runs keep the config in the .wandb record file (no config.yaml until synced).
     records = [f for f in os.listdir(tmp_path / "wandb" / runs[0]) if f.endswith(".wandb")]
     data = (tmp_path / "wandb" / runs[0] / records[0]).read_bytes()

@@ -78,6 +78,10 @@ def add_compare_command(subparsers) -> argparse.ArgumentParser:
                    help="model of the base, as in `rlhf-lab demo` (default: gpt2-tiny)")
     p.add_argument("--quick", action="store_true",
                    help="tiny base and budgets (seconds per run): checks the wiring, learns little")
+    p.add_argument("--checkpoint-every", type=int, default=100, metavar="N",
+                   help="optimiser steps between checkpoints of every stage and run (default 100; 0 = none). "
+                   "Re-running the command resumes: finished runs are kept and an interrupted one goes on "
+                   "from its last checkpoint")
     p.set_defaults(func=compare_main)
     return p
 
@@ -87,7 +91,8 @@ def compare_main(args: argparse.Namespace) -> int:
     try:
         config = CompareConfig(task=args.task, algorithms=args.algorithms, seeds=args.seeds, budget=args.budget,
                                budget_unit=args.budget_unit, evals=args.evals, base_seed=args.base_seed,
-                               backbone=args.backbone, quick=args.quick)
+                               backbone=args.backbone, quick=args.quick,
+                               checkpoint_every=args.checkpoint_every)
         if args.workers < 1:
             raise ValueError(f"workers must be >= 1, got {args.workers}")
     except ValueError as e:

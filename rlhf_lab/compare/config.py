@@ -46,6 +46,7 @@ class CompareConfig:
     eval_samples_per_prompt: int = 2  # sampled responses per eval prompt in each measurement
     eval_seed: int = 1234  # seed of the measurement's sampling: the same random numbers for every run
     dpo_max_pairs_per_prompt: int = 16  # DPO: preference pairs kept per prompt (drawn at random)
+    checkpoint_every: int = 100  # optimiser steps between checkpoints of each stage and run (not in identity)
 
     def __post_init__(self):
         if isinstance(self.algorithms, str):
@@ -65,6 +66,7 @@ class CompareConfig:
         check_positive("evals", self.evals)
         check_positive("eval_samples_per_prompt", self.eval_samples_per_prompt)
         check_positive("dpo_max_pairs_per_prompt", self.dpo_max_pairs_per_prompt)
+        check_positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
 
     @property
     def seed_list(self) -> list[int]:
@@ -85,7 +87,8 @@ class CompareConfig:
         """
         from rlhf_lab.demo import DemoConfig
 
-        c = DemoConfig(seed=self.base_seed, task=self.task, backbone=self.backbone)
+        c = DemoConfig(seed=self.base_seed, task=self.task, backbone=self.backbone,
+                       checkpoint_every=self.checkpoint_every)
         if self.quick:
             c.pretrain_steps, c.sft_steps, c.reward_steps, c.pair_samples = 40, 20, 20, 4
             c.prompts_per_step = 16
@@ -102,8 +105,9 @@ class CompareConfig:
         from rlhf_lab.runs import plain_config
 
         own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("algorithms", "seeds")}
-        demo = self.demo_config()
+               if f.name not in ("algorithms", "seeds", "checkpoint_every")}
+        # How often runs checkpoint changes no number (resumes are exact), so it is not identity.
+        demo = dataclasses.replace(self.demo_config(), checkpoint_every=100)
         # Every registered algorithm's resolved config (the registry's preset and demo settings).
         settings = {name: demo.final_config(name) for name in algorithm_names()}
         return plain_config({**own, "demo": demo, "settings": settings})

@@ -11,8 +11,9 @@ A comparison folder `DIR` holds:
     report.md, summary.json, reward_vs_budget.png, gold_vs_proxy.png, reward_kl_frontier.png
 
 Re-running the same command skips the base when base.json exists and every run whose
-result.json exists, so an interrupted comparison finishes only what is missing. A half-written run
-folder is deleted and the run starts again from the base.
+result.json exists, so an interrupted comparison finishes only what is missing: an interrupted
+run goes on from its last checkpoint (`CompareConfig.checkpoint_every`), exactly as if it had not
+stopped, and so does an interrupted base; a run that stopped before its first checkpoint starts again.
 
 Every run starts from `base/sft` and is scored by the same normalised reward model (the proxy);
 the task's gold judge only measures. The budget is counted by `rlhf_lab.stages.common.Budget`:
@@ -41,7 +42,8 @@ import torch
 from rlhf_lab.compare.config import CompareConfig
 from rlhf_lab.demo import build_base, rank_into_pairs
 from rlhf_lab.policy import Policy
-from rlhf_lab.rewards import RewardModelSource
+from rlhf_lab.rewards import RewardModelSource, check_scores
+from rlhf_lab.runs.checkpoint import find_checkpoint
 from rlhf_lab.runs.loggers import LoggerConfig, quiet_libraries
 from rlhf_lab.tasks import get_task
 
@@ -133,7 +135,8 @@ def _sample_budget(policy, prompts: list[str], reward_fn, config: CompareConfig,
                                   samples_per_prompt=group, generator=gen)
         rows_p.extend(rollout.prompts)
         rows_c.extend(rollout.completions)
-        scores.extend(reward_fn(rollout.prompts, rollout.completions).tolist())
+        scores.extend(check_scores(reward_fn(rollout.prompts, rollout.completions), len(rollout), reward_fn,
+                                   rollout.prompts).tolist())
         samples += len(rollout)
         tokens += int(rollout.response_mask.sum())
     return rows_p, rows_c, scores, samples, tokens
@@ -172,8 +175,11 @@ def run_one(spec: dict) -> dict:
         torch.set_num_threads(spec["threads"])
     out, name = spec["out"], run_name(algorithm, seed)
     base_dir, run_dir = os.path.join(out, BASE_DIR), os.path.join(out, RUNS_DIR, name)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a half-written run starts again
-    os.makedirs(run_dir)
+    # An interrupted run goes on from its last checkpoint; one without any starts again.
+    resume = find_checkpoint(os.path.join(run_dir, algorithm)) is not None
+    if not resume:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     L.seed_everything(seed, verbose=False)  # once, first: the builder goes on from this stream
 
@@ -202,7 +208,7 @@ def run_one(spec: dict) -> dict:
         fit_config = final_run_config(demo, algorithm, run_dir, base_dir, logger, progress=False,
                                       evaluation=EvalConfig(every=steps / config.evals, axis="step", **measure))
         run = build_run(fit_config, task=task, rows=(pairs, []), reward_fn=reward_fn, eval_prompts=eval_prompts,
-                        run_config=run_config, reseed=False, eval_kwargs=dict(
+                        run_config=run_config, reseed=False, resume=resume, eval_kwargs=dict(
                             budget_of=lambda module: {"samples": samples, "generated_tokens": tokens},
                             extra_seconds=time.perf_counter() - t0, budget_prefix="compare", max_rows=0, batch_size=256))
         extra = {"pairs": len(pairs)}
@@ -212,7 +218,7 @@ def run_one(spec: dict) -> dict:
             budget=BudgetConfig(amount=config.budget, unit=unit),
             evaluation=EvalConfig(every=config.budget / config.evals, axis=unit, **measure))
         run = build_run(fit_config, task=task, rows=(prompts, eval_prompts), reward_fn=reward_fn,
-                        run_config=run_config, reseed=False,
+                        run_config=run_config, reseed=False, resume=resume,
                         eval_kwargs=dict(budget_prefix="compare", max_rows=0, batch_size=256))
     run.fit()
     evaluator = run.evaluator
@@ -300,12 +306,11 @@ def ensure_base(out: str, config: CompareConfig, logger: str = "csv", echo=print
                                  f"({', '.join(finished)}): they came from a base that is gone. "
                                  "Delete the runs (or the whole folder) to start again.")
     echo(f"base: building {base_dir} (pretrain → SFT → reward model), shared by every run")
-    shutil.rmtree(base_dir, ignore_errors=True)
     start = time.perf_counter()
     group = os.path.basename(os.path.normpath(out))
     log = LoggerConfig(kind=logger, group=group, tags=[f"task:{config.task}", "compare", "base"])
     base = build_base(base_dir, config.demo_config(), logger=log, run_config={"compare": config.identity()},
-                      progress=False, echo=echo)
+                      progress=False, echo=echo, resume=True)  # an interrupted base goes on where it stopped
     info = {"summary": base.summary, "reward_shift": base.reward_fn.shift, "reward_scale": base.reward_fn.scale,
             "seconds": time.perf_counter() - start, "identity": config.identity()}
     _write_json(marker, info)

@@ -168,6 +168,8 @@ class EvalCallback(L.Callback):
         self._start = time.perf_counter()
         self._last_key: tuple | None = None
         self._prev_value = 0.0
+        self._table_rows: dict[str, int] = {}  # sample-table file -> data rows written
+        self._resumed: dict | None = None
 
     def train_seconds(self) -> float:
         """Training wall time since training started, evaluations excluded, plus `extra_seconds`."""
@@ -183,8 +185,47 @@ class EvalCallback(L.Callback):
                             f"{type(pl_module).__name__} has no `budget` (use axis='step')")
         return float(getattr(budget, self.axis))
 
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        """What a resumed run needs: the history, the trigger's position, the clocks, the table rows."""
+        return {"history": [dict(row) for row in self.history], "last_key": self._last_key,
+                "prev_value": self._prev_value, "eval_seconds": self.eval_seconds,
+                "elapsed": time.perf_counter() - self._start, "table_rows": dict(self._table_rows)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [dict(row) for row in state["history"]]
+        self._last_key = tuple(state["last_key"]) if state["last_key"] is not None else None
+        self._prev_value, self.eval_seconds = state["prev_value"], state["eval_seconds"]
+        self._table_rows = dict(state["table_rows"])
+        self._resumed = state
+
+    def _resume(self, trainer: L.Trainer) -> None:
+        """Go on from a checkpoint: the clocks continue, sample tables lose the rows written after it."""
+        self._start = time.perf_counter() - self._resumed["elapsed"]
+        self._resumed = None
+        if not trainer.is_global_zero:
+            return
+        paths = {os.path.join(d, f"{self.table_name}.csv") for d in
+                 (getattr(logger, "log_dir", None) for logger in trainer.loggers) if d}
+        for path in sorted(paths | set(self._table_rows)):
+            n = self._table_rows.get(path, 0)
+            if not os.path.exists(path):
+                continue
+            if n == 0:
+                os.remove(path)
+                continue
+            with open(path, newline="", encoding="utf-8") as f:
+                rows = list(csv.reader(f))[: n + 1]  # the header and the first n rows
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with open(tmp, "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows(rows)
+            os.replace(tmp, path)
+
     # ------------------------------------------------------------------ hooks
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._resumed is not None:  # a resumed run: it has evaluated at the start already
+            self._resume(trainer)
+            return
         self._start = time.perf_counter()
         self.eval_seconds = 0.0
         self._prev_value = self.axis_value(trainer, pl_module)
@@ -270,7 +311,9 @@ class EvalCallback(L.Callback):
                 continue
             log_dir = getattr(logger, "log_dir", None)
             if log_dir:
-                self._append_csv(os.path.join(log_dir, f"{self.table_name}.csv"), step, columns, data)
+                path = os.path.join(log_dir, f"{self.table_name}.csv")
+                self._append_csv(path, step, columns, data)
+                self._table_rows[path] = self._table_rows.get(path, 0) + len(data)
 
     @staticmethod
     def _append_csv(path: str, step: int, columns: list[str], data: list[list]) -> None:

@@ -2,7 +2,10 @@
 
 The algorithm registry it reads is `rlhf_lab.algorithms` (a bottom-layer table of names: no
 torch, so `rlhf-lab --help` reads it at once, and stage configs can resolve presets from it).
-- `loggers.py`: `LoggerConfig`, `build_loggers`, `make_trainer`, `finish_loggers`, `quiet_libraries`.
+- `loggers.py`: `LoggerConfig`, `build_loggers`, `make_trainer`, `finish_loggers`, `quiet_libraries`,
+  `RunCSVLogger` (metrics.csv that a resumed run continues).
+- `checkpoint.py`: `CheckpointConfig`, the run-folder policy (`prepare_run_folder`, `COMPLETE.json`)
+  and what exact resume adds to Lightning's checkpoints (`RunState`, `DeferredCheckpointIO`).
 - `builder.py`: the typed run configs (`FitConfig`, `ModelConfig`, `RewardConfig`, `EvalConfig`,
   `TrainerConfig`) and `build_run`: configs in, a ready run (policy, reward source, stage,
   evaluation, loggers, Trainer, run folder) out. `demo`, `fit` and `compare` all call it.
@@ -19,7 +22,8 @@ _EXPORTS = {
     "make_trainer": "loggers", "plain_config": "loggers", "quiet_libraries": "loggers",
     "FitConfig": "builder", "ModelConfig": "builder", "RewardConfig": "builder", "EvalConfig": "builder",
     "TrainerConfig": "builder", "BudgetConfig": "builder", "Run": "builder", "build_run": "builder",
-    "build_policy": "builder", "build_reward": "builder",
+    "build_policy": "builder", "build_reward": "builder", "CheckpointConfig": "checkpoint",
+    "prepare_run_folder": "checkpoint", "find_checkpoint": "checkpoint", "RunCSVLogger": "loggers",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -26,11 +26,22 @@ from rlhf_lab.algorithms import BASE_STAGES, fit_names, get_algorithm, stage_cla
 from rlhf_lab.checks import check_choice, check_positive
 from rlhf_lab.data.spec import DataConfig
 from rlhf_lab.models.lora import LoraSettings
+from rlhf_lab.runs.checkpoint import (
+    CheckpointConfig,
+    check_finished,
+    checkpoint_callbacks,
+    prepare_run_folder,
+    read_complete,
+    rng_state,
+    set_rng_state,
+    write_complete,
+    write_json,
+)
 from rlhf_lab.runs.loggers import LoggerConfig, finish_loggers, make_trainer, plain_config
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BudgetConfig", "EvalConfig", "FitConfig", "ModelConfig", "RewardConfig", "Run", "TrainerConfig",
+__all__ = ["BudgetConfig", "CheckpointConfig", "EvalConfig", "FitConfig", "ModelConfig", "RewardConfig", "Run", "TrainerConfig",
            "build_fit_config", "build_policy", "build_reward", "build_run", "iteration_size", "stage_of"]
 
 EVAL_AXES = ("step", "samples", "generated_tokens")
@@ -107,6 +118,10 @@ class TrainerConfig:
     val_check_interval: int | None = None  # optimiser steps between val passes; None = once per epoch
     log_every_n_steps: int = 1
     enable_progress_bar: bool = True
+    on_nonfinite: str = "skip"  # skip the update and count it in train/skipped_steps | stop: fail naming the step
+
+    def __post_init__(self):
+        check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
 
 
 @dataclass
@@ -144,6 +159,7 @@ class FitConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     budget: BudgetConfig | None = None  # online stages: stop at this budget (max_steps then only bounds)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def __post_init__(self):
         if self.stage not in fit_names():
@@ -234,10 +250,13 @@ def _is_checkpoint(path: str) -> bool:
 
 
 def build_policy(model: ModelConfig, tokenizer_texts: list[str] | None = None, scalar_head: bool | None = None,
-                 reference: str | None = None, critic=None):
+                 reference: str | None = None, critic=None, expect: str | None = "policy"):
     """The Policy of `model`: a named backbone built fresh (tokenizer trained on `tokenizer_texts`
-    unless `model.tokenizer` names one), or a checkpoint / local HF folder loaded as it is."""
-    from rlhf_lab.models.backbones import backbone_names, build_tiny_model, load_backbone
+    unless `model.tokenizer` names one), or a checkpoint / local HF folder loaded as it is.
+
+    `expect="policy"` refuses a reward model's checkpoint (None: the reward-model stage, which may
+    start from either); a near miss of a named backbone ("gpt2-tiy") is refused with the closest names."""
+    from rlhf_lab.models.backbones import backbone_names, build_tiny_model, check_backbone_name, load_backbone
     from rlhf_lab.models.tokenizer import load_tokenizer, train_bpe_tokenizer
     from rlhf_lab.policy import Policy
 
@@ -250,12 +269,15 @@ def build_policy(model: ModelConfig, tokenizer_texts: list[str] | None = None, s
             tokenizer = train_bpe_tokenizer(tokenizer_texts, vocab_size=model.vocab_size)
         return Policy(build_tiny_model(model.backbone, tokenizer, **model.overrides), tokenizer,
                       scalar_head=bool(scalar_head), reference=reference, critic=critic, lora=model.lora)
+    check_backbone_name(model.backbone, "model.backbone")
     if model.overrides:
         raise ValueError("model.overrides apply to named backbones only, not to the folder "
                          f"{model.backbone!r}")
+    if os.path.isdir(model.backbone):
+        check_finished(model.backbone, "model.backbone")
     if os.path.exists(os.path.join(model.backbone, "rlhf_lab_policy.json")):
         return Policy.load(model.backbone, scalar_head=scalar_head, reference=reference, critic=critic,
-                           lora=model.lora)
+                           lora=model.lora, expect=expect, field="model.backbone")
     if not _is_checkpoint(model.backbone) and os.path.sep in model.backbone and not os.path.exists(model.backbone):
         raise FileNotFoundError(f"model.backbone: no such folder {model.backbone!r}")
     tokenizer = load_tokenizer(model.tokenizer or model.backbone)
@@ -272,7 +294,11 @@ def build_reward(reward: RewardConfig, gold=None, data: DataConfig | None = None
 
         if not reward.path:
             raise ValueError("reward.source is reward_model: set reward.path to its checkpoint folder")
-        return RewardModelSource(Policy.load(reward.path, scalar_head=True))
+        if not os.path.isdir(reward.path):
+            raise FileNotFoundError(f"reward.path: no such folder {reward.path!r}")
+        check_finished(reward.path, "reward.path")
+        return RewardModelSource(Policy.load(reward.path, scalar_head=True, expect="reward_model",
+                                             field="reward.path"))
     if reward.source == "gsm8k":
         if data is None or data.format not in ("gsm8k", "gsm8k_pairs"):
             raise ValueError("reward.source gsm8k needs data.format gsm8k (the gold numbers)")
@@ -327,7 +353,11 @@ def iteration_size(stage: str, config, n_prompts: int) -> tuple[int, int]:
 
 @dataclass
 class Run:
-    """A built run: call `fit()` to train it and write `<out>/<name>/`."""
+    """A built run: call `fit()` to train it and write `<out>/<name>/`.
+
+    `ckpt_path` is the checkpoint a resumed run continues from (None: from the start);
+    `finished` is a resumed run whose folder is complete (fit() only reads its summary).
+    """
 
     config: FitConfig
     policy: Any
@@ -341,23 +371,35 @@ class Run:
     out_dir: str
     resolved: dict  # the config as plain values (config.yaml, the loggers' hyperparameters)
     start: float = field(default_factory=time.perf_counter)
+    ckpt_path: str | None = None
+    finished: bool = False
 
     @property
     def name(self) -> str:
         return self.config.stage
 
     def fit(self, save: bool = True, echo=None) -> dict:
-        """Train, save the policy to `out_dir` (rank 0), write summary.json; returns the summary.
+        """Train, save the policy to `out_dir` (rank 0), write summary.json and the completion
+        marker (COMPLETE.json, last); returns the summary.
 
         The summary holds `metrics` (the last value of every logged scalar, then a last validation
         pass of the stage, then the last evaluation), `history` (one row per evaluation),
-        `steps`, `seconds`, the row counts and the resolved `config`.
+        `steps`, `seconds`, the row counts and the resolved `config`. A finished run returns its
+        saved summary and trains nothing.
         """
         import torch
 
+        if self.finished:
+            with open(os.path.join(self.out_dir, "summary.json")) as f:
+                summary = json.load(f)
+            if echo is not None:
+                echo(f"{self.name}: finished already ({summary['steps']} steps) -> {self.out_dir}/")
+            return summary
         trainer, stage = self.trainer, self.stage
+        if self.ckpt_path is not None and echo is not None:
+            echo(f"{self.name}: resuming from {self.ckpt_path}")
         try:
-            trainer.fit(stage)
+            trainer.fit(stage, ckpt_path=self.ckpt_path)
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items()
                        if torch.is_tensor(v) and v.numel() == 1}
             if self.val_rows and self.config.stage_name in ("pretrain", "sft", "reward_model", "dpo"):
@@ -366,15 +408,24 @@ class Run:
                 metrics.update({k: v for k, v in self.evaluator.history[-1].items() if k.startswith("val/")})
         finally:
             finish_loggers(trainer)
+        if trainer.interrupted:  # Ctrl-C / SIGTERM: no final folder, resume from the checkpoint
+            raise KeyboardInterrupt(f"{self.name} was interrupted at step {trainer.global_step}; "
+                                    f"continue it with --resume ({self.out_dir})")
         if save and trainer.is_global_zero:
             self.policy.save(self.out_dir, extra={"stage": self.name,
                                                   "config": dataclasses.asdict(self.config.config)})
         summary = {"stage": self.name, "out": self.out_dir, "steps": trainer.global_step,
                    "seconds": time.perf_counter() - self.start, "metrics": metrics,
                    "history": self.evaluator.history if self.evaluator is not None else [],
+                   "train_history": list(getattr(stage, "history", [])),
                    "train_rows": len(self.train_rows), "val_rows": len(self.val_rows), "config": self.resolved}
         if trainer.is_global_zero:
-            _write_json(os.path.join(self.out_dir, "summary.json"), summary)
+            write_json(os.path.join(self.out_dir, "summary.json"), summary)
+            # The random states as this run left them: a pipeline that finds the run finished goes
+            # on from them (`_finished_run`), as it would have after training it.
+            torch.save(rng_state(), os.path.join(self.out_dir, END_RNG_FILE))
+            write_complete(self.out_dir, {"stage": self.name, "steps": trainer.global_step,
+                                          "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
         if echo is not None:
             echo(f"{self.name}: {trainer.global_step} steps in {summary['seconds']:.0f} s -> {self.out_dir}/")
             for k, v in sorted(metrics.items()):
@@ -383,18 +434,43 @@ class Run:
         return summary
 
 
-def _write_json(path: str, data) -> None:
-    """Write JSON atomically: a reader never sees half a file."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2)
-    os.replace(tmp, path)
+END_RNG_FILE = "end_rng.pt"
+
+# Keys that may differ between a run and its resumption: how it is logged and saved, not what it trains.
+RESUMABLE_CHANGES = ("out", "trainer.enable_progress_bar", "trainer.max_steps", "trainer.on_nonfinite", "logger.",
+                     "checkpoint.")
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+    if not isinstance(d, dict):
+        return {prefix[:-1]: d}
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}."))
+    return out
+
+
+def _check_same_config(out_dir: str, resolved: dict) -> None:
+    """Refuse to resume a run with a config that trains something else than the saved one."""
+    from rlhf_lab.config import ConfigError, load_yaml
+
+    path = os.path.join(out_dir, "config.yaml")
+    if not os.path.exists(path):
+        return
+    saved, now = _flat(plain_config(load_yaml(path))), _flat(json.loads(json.dumps(resolved)))
+    diffs = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)
+             and not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
+    if diffs:
+        shown = ", ".join(f"{k} (saved {saved.get(k)!r}, now {now.get(k)!r})" for k in diffs[:5])
+        raise ConfigError(f"{path}: cannot resume with a different config: {shown}"
+                          f"{' and more' if len(diffs) > 5 else ''}; use the saved config, or --overwrite")
 
 
 def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, reward_fn=None, gold_fn=None,
               task=None, eval_prompts: list[str] | None = None, references: list[str] | None = None,
               run_config: Any = None, callbacks: list | None = None, eval_kwargs: dict | None = None,
-              out_dir: str | None = None, reseed: bool = True) -> Run:
+              out_dir: str | None = None, reseed: bool = True, resume: bool = False,
+              overwrite: bool = False) -> Run:
     """Build everything one run needs from `config`; returns a `Run` (call `.fit()`).
 
     The keyword arguments let a pipeline hand in what it has in memory instead of on disk:
@@ -404,6 +480,11 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
     the resolved config), extra `callbacks`, `eval_kwargs` (more `EvalCallback` arguments) and
     `out_dir` (default `<out>/<stage>`). `reseed=False` keeps the random stream where a pipeline
     left it (the demo seeds once, before its first stage) instead of seeding with `config.seed`.
+
+    The run folder must be empty or missing, unless `resume` (continue from its newest checkpoint;
+    a finished folder gives a `Run` whose `finished` is true, with its saved policy) or
+    `overwrite` (delete it first); see `rlhf_lab.runs.checkpoint.prepare_run_folder`. Nothing is
+    written before these checks pass.
     """
     import lightning as L
 
@@ -413,6 +494,10 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
     from rlhf_lab.tasks import get_task
 
     c, stage = config, config.stage_name
+    out_dir = out_dir or os.path.join(c.out, c.stage)
+    mode, ckpt_path = prepare_run_folder(out_dir, resume=resume, overwrite=overwrite)
+    if mode == "finished":
+        return _finished_run(c, out_dir)
     if reseed:
         L.seed_everything(c.seed, verbose=False)
     if task is None and c.task:
@@ -426,6 +511,12 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
     else:
         raise ValueError("give data (format and path) or a built-in task")
     train, val = list(train), list(val or [])
+    if not train:  # before the stage (and its folder) is built, naming where the rows came from
+        from rlhf_lab.errors import DataError
+
+        source = ("the rows handed to build_run" if rows is not None else c.data.path if c.data is not None
+                  else f"task {c.task or getattr(task, 'name', '')}")
+        raise DataError(source, problem=f"no training rows for '{c.stage}' (after filtering); it needs at least one")
     online = stage in ("online_rl", "online_dpo")
     prompts = prompts_of(train) if online else None
     if eval_prompts is None:  # the validation rows' prompts (pretraining text has none)
@@ -474,7 +565,8 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
             scalar_head = True
     elif c.model.critic is not None:
         raise ValueError(f"model.critic has no effect for '{c.stage}' (it trains no critic; got {c.model.critic!r})")
-    policy = build_policy(c.model, texts, scalar_head=scalar_head, reference=_reference_mode(c), critic=critic)
+    policy = build_policy(c.model, texts, scalar_head=scalar_head, reference=_reference_mode(c), critic=critic,
+                          expect=None if stage == "reward_model" else "policy")
     if normalize:
         reward_fn = normalized(reward_fn, policy)
 
@@ -508,21 +600,66 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
         callbacks.append(evaluator)
     elif stop_at is not None:
         raise ValueError("budget needs an evaluation to stop the run: set eval.prompts > 0")
+    # No optimiser step applies a NaN/inf gradient: skipped and counted (train/skipped_steps), or stopped.
+    from rlhf_lab.stages.guards import NonFiniteGuard
 
-    out_dir = out_dir or os.path.join(c.out, c.stage)
-    os.makedirs(out_dir, exist_ok=True)
+    callbacks.append(NonFiniteGuard(c.trainer.on_nonfinite))
+
     resolved = plain_config(c)
     from rlhf_lab.config import dump_yaml
 
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+    if ckpt_path is not None:
+        _check_same_config(out_dir, resolved)
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = os.path.join(out_dir, f"config.yaml.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
         f.write(dump_yaml(resolved))
+    os.replace(tmp, os.path.join(out_dir, "config.yaml"))
+    # Checkpoints: RunState goes first, so it writes a checkpoint before the others log the next step.
+    state_callbacks, checkpoint_io = checkpoint_callbacks(out_dir, c.checkpoint)
+    callbacks = [*state_callbacks[:1], *callbacks, *state_callbacks[1:]]
     t = c.trainer
     val_kw = dict(val_check_interval=t.val_check_interval, check_val_every_n_epoch=None) \
         if t.val_check_interval else {}
     trainer = make_trainer(os.path.dirname(out_dir), os.path.basename(out_dir), max_steps, logger=c.logger,
+                           run_id=_wandb_id(out_dir) if c.logger.kind in ("wandb", "both") else None,
                            run_config=run_config if run_config is not None else resolved, callbacks=callbacks,
                            accelerator=t.accelerator, devices=t.devices, precision=t.precision,
                            strategy=t.strategy, log_every_n_steps=t.log_every_n_steps,
-                           enable_progress_bar=t.enable_progress_bar, **val_kw)
+                           enable_progress_bar=t.enable_progress_bar, plugins=[checkpoint_io],
+                           enable_checkpointing=bool(c.checkpoint.every_n_steps), **val_kw)
     return Run(config=c, policy=policy, stage=module, trainer=trainer, evaluator=evaluator, reward_fn=reward_fn,
-               gold_fn=gold_fn, train_rows=train, val_rows=val, out_dir=out_dir, resolved=resolved)
+               gold_fn=gold_fn, train_rows=train, val_rows=val, out_dir=out_dir, resolved=resolved,
+               ckpt_path=ckpt_path)
+
+
+def _wandb_id(out_dir: str) -> str:
+    """The wandb run id of the run in `out_dir`: made once and kept in `out_dir/wandb_id`, so a
+    resumed run logs to the wandb run it started."""
+    import uuid
+
+    path = os.path.join(out_dir, "wandb_id")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    run_id = uuid.uuid4().hex[:12]
+    with open(path, "w") as f:
+        f.write(run_id)
+    return run_id
+
+
+def _finished_run(config: FitConfig, out_dir: str) -> Run:
+    """The `Run` of a finished folder: its saved policy and summary, nothing to train."""
+    import torch
+
+    from rlhf_lab.policy import Policy
+
+    info = read_complete(out_dir)
+    if os.path.exists(os.path.join(out_dir, END_RNG_FILE)):
+        set_rng_state(torch.load(os.path.join(out_dir, END_RNG_FILE), weights_only=True))
+    if info.get("stage") != config.stage:
+        raise ValueError(f"{out_dir} holds a finished '{info.get('stage')}' run, not '{config.stage}'")
+    policy = Policy.load(out_dir, scalar_head=True if config.stage_name == "reward_model" else None)
+    return Run(config=config, policy=policy, stage=None, trainer=None, evaluator=None, reward_fn=None,
+               gold_fn=None, train_rows=[], val_rows=[], out_dir=out_dir, resolved=plain_config(config),
+               finished=True)

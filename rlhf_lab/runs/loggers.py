@@ -18,7 +18,8 @@ from typing import Any
 
 from rlhf_lab.checks import check_choice
 
-__all__ = ["LoggerConfig", "build_loggers", "finish_loggers", "make_trainer", "plain_config", "quiet_libraries"]
+__all__ = ["LoggerConfig", "RunCSVLogger", "build_loggers", "finish_loggers", "make_trainer", "plain_config",
+           "quiet_libraries"]
 
 LOGGER_KINDS = ("csv", "wandb", "both", "none")
 
@@ -54,23 +55,84 @@ def plain_config(value: Any) -> Any:
     return str(value)
 
 
+def _run_csv_logger_class():
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+    from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+    class RowsWriter(ExperimentWriter):
+        """Lightning's CSV writer that keeps every row it wrote (`rows`), never deletes a
+        metrics.csv it finds (the run folder's policy is `prepare_run_folder`'s), and can restore
+        the rows of a checkpoint (`restore`) so a resumed run continues the file."""
+
+        def __init__(self, log_dir: str) -> None:
+            self.rows: list[dict] = []
+            super().__init__(log_dir)
+
+        def _check_log_dir_exists(self) -> None:
+            pass
+
+        def log_metrics(self, metrics_dict, step=None) -> None:
+            super().log_metrics(metrics_dict, step)
+            self.rows.append(self.metrics[-1])
+
+        def restore(self, rows: list[dict]) -> None:
+            """Rewrite metrics.csv as exactly `rows` (atomically) and go on appending after them."""
+            import csv
+
+            self.rows, self.metrics = [dict(r) for r in rows], []
+            self.metrics_keys = sorted(set().union(*self.rows)) if self.rows else []
+            tmp = f"{self.metrics_file_path}.tmp-{os.getpid()}"
+            if not self.rows:
+                if os.path.exists(self.metrics_file_path):
+                    os.remove(self.metrics_file_path)
+                return
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+                writer.writeheader()
+                writer.writerows(self.rows)
+            os.replace(tmp, self.metrics_file_path)
+
+    class RunCSVLogger(CSVLogger):
+        """`<out>/<stage>/metrics.csv`, flushed every step, resumable (see `RowsWriter`)."""
+
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = RowsWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return RunCSVLogger
+
+
+def __getattr__(name: str):
+    if name == "RunCSVLogger":  # built on first use: lightning is imported only when a run is built
+        cls = _run_csv_logger_class()
+        globals()["RunCSVLogger"] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_loggers(config: LoggerConfig | str, out: str, stage: str,
-                  run_config: Any = None) -> list:
+                  run_config: Any = None, run_id: str | None = None) -> list:
     """The Lightning loggers of one stage, with `run_config` (any dataclass or dict) recorded.
 
     CSV: `<out>/<stage>/metrics.csv`, the config in `<out>/<stage>/hparams.yaml`. wandb: project
     `config.project`, group `config.group` (default: the name of `out`), run name
     `config.name or "<group>-<stage>"`, tags `config.tags + [stage]`, the config as the run's
     wandb config; offline unless `WANDB_API_KEY` is set (or `config.offline` says otherwise).
+    `run_id` fixes the wandb run id (`resume="allow"`), so a resumed run logs to the same wandb run.
     """
     if isinstance(config, str):
         config = LoggerConfig(kind=config)
     hparams = plain_config(run_config) if run_config is not None else None
     loggers = []
     if config.kind in ("csv", "both"):
-        from lightning.pytorch.loggers import CSVLogger
+        from rlhf_lab.runs import loggers as this
 
-        csv_logger = CSVLogger(out, name=stage, version="")
+        csv_logger = this.RunCSVLogger(out, name=stage, version="", flush_logs_every_n_steps=1)
         if hparams:
             csv_logger.log_hyperparams(hparams)
         loggers.append(csv_logger)
@@ -81,7 +143,8 @@ def build_loggers(config: LoggerConfig | str, out: str, stage: str,
         group = config.group or os.path.basename(os.path.normpath(out))
         tags = list(dict.fromkeys([*config.tags, stage]))
         loggers.append(WandbLogger(project=config.project, group=group, name=config.name or f"{group}-{stage}",
-                                   tags=tags, save_dir=out, offline=offline, config=hparams or {}))
+                                   tags=tags, save_dir=out, offline=offline, config=hparams or {},
+                                   **({"id": run_id, "resume": "allow"} if run_id else {})))
     return loggers
 
 
@@ -96,15 +159,16 @@ def finish_loggers(trainer) -> None:
 
 
 def make_trainer(out: str, stage: str, max_steps: int, logger: LoggerConfig | str = "csv",
-                 run_config: Any = None, **kwargs):
+                 run_config: Any = None, run_id: str | None = None, **kwargs):
     """A Trainer for one stage of ours: `max_steps` optimiser steps, metrics to `build_loggers`.
 
-    Defaults: logging every step, no Lightning checkpoints (stages hand off through HF folders),
-    no sanity validation, one CPU device; any Trainer argument in `kwargs` overrides them.
+    Defaults: logging every step, no Lightning checkpoints (`build_run` adds them, see
+    `rlhf_lab.runs.checkpoint`), no sanity validation, one CPU device; any Trainer argument in
+    `kwargs` overrides them. `run_id`: the wandb run id (see `build_loggers`).
     """
     import lightning as L
 
-    loggers = build_loggers(logger, out, stage, run_config)
+    loggers = build_loggers(logger, out, stage, run_config, run_id=run_id)
     defaults = dict(max_steps=max_steps, max_epochs=-1, logger=loggers or False, enable_checkpointing=False,
                     enable_model_summary=False, log_every_n_steps=1, accelerator="cpu", devices=1,
                     num_sanity_val_steps=0, default_root_dir=out)

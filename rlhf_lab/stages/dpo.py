@@ -23,7 +23,8 @@ from rlhf_lab.checks import check_choice, check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
 from rlhf_lab.losses import DPO_LOSSES, kl_k1, preference_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw, check_fits_positions
+from rlhf_lab.rewards.checks import check_scores
+from rlhf_lab.stages.common import Budget, ResumableStage, adamw, check_fits_positions
 
 REFERENCE_FREE = ("simpo",)
 
@@ -133,7 +134,7 @@ class _PreferenceStep:
             self.log(f"{split}/nll", metrics["nll"], batch_size=n)
 
 
-class DPO(_PreferenceStep, L.LightningModule):
+class DPO(_PreferenceStep, ResumableStage, L.LightningModule):
     """Offline DPO (and variants) on `prompt`/`chosen`/`rejected` rows."""
 
     config_class = DPOConfig
@@ -158,6 +159,7 @@ class DPO(_PreferenceStep, L.LightningModule):
                 if data is not None:
                     self._precomputed[split] = self._score_all(data)
         self.budget = Budget()
+        self._init_resumable()
         self.save_hyperparameters({"stage": "dpo", "algorithm": "dpo", **asdict(c)})
 
     @torch.no_grad()
@@ -198,15 +200,15 @@ class DPO(_PreferenceStep, L.LightningModule):
         return adamw(self.policy.trainable_parameters(), c.lr, c.weight_decay, c.warmup_steps)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_data, batch_size=self.config.batch_size, shuffle=True, collate_fn=self._collate)
+        return self.make_loader(self.train_data, self.config.batch_size, True, self._collate)
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_data is None:
             return []
-        return DataLoader(self.val_data, batch_size=self.config.batch_size, collate_fn=self._collate)
+        return self.make_loader(self.val_data, self.config.batch_size, False, self._collate)
 
 
-class OnlineDPO(_PreferenceStep, L.LightningModule):
+class OnlineDPO(_PreferenceStep, ResumableStage, L.LightningModule):
     """Online DPO: each iteration samples two responses per prompt and ranks them with `reward_fn`.
 
     Pairs whose two responses score the same are skipped (counted in `train/skipped_pairs`).
@@ -227,7 +229,15 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
         self.prompts, self.reward_fn, self.gold_fn = list(prompts), reward_fn, gold_fn
         self.budget = Budget()
         self.history: list[dict] = []
+        self._init_resumable()
         self.save_hyperparameters({"stage": "online_dpo", "algorithm": "online_dpo", **asdict(c)})
+
+    def stage_state(self) -> dict:
+        return {**super().stage_state(), "history": list(self.history)}
+
+    def load_stage_state(self, state: dict) -> None:
+        super().load_stage_state(state)
+        self.history = list(state["history"])
 
     @torch.no_grad()
     def make_pairs(self, prompts: list[str]) -> tuple[dict | None, dict]:
@@ -235,7 +245,9 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
         c, policy = self.config, self.policy
         rollout = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                   samples_per_prompt=2)
-        scores = self.reward_fn(rollout.prompts, rollout.completions).float().view(-1, 2)
+        n = len(rollout)
+        scores = check_scores(self.reward_fn(rollout.prompts, rollout.completions), n, self.reward_fn,
+                              rollout.prompts, device=rollout.input_ids.device).view(-1, 2)
         self.budget.reward_calls += len(rollout)
         self.budget.generated_tokens += int(rollout.response_mask.sum())
         mask = rollout.response_mask.float()
@@ -245,7 +257,9 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
             ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask, c.temperature)
             stats["kl"] = float((kl_k1(rollout.logprobs, ref) * mask).sum(1).mean())
         if self.gold_fn is not None:
-            stats["gold_reward"] = float(self.gold_fn(rollout.prompts, rollout.completions).float().mean())
+            gold = check_scores(self.gold_fn(rollout.prompts, rollout.completions), n, self.gold_fn,
+                                rollout.prompts, what="gold reward")
+            stats["gold_reward"] = float(gold.mean())
         keep = scores[:, 0] != scores[:, 1]
         stats["skipped_pairs"] = float((~keep).sum())
         if not keep.any():
@@ -293,5 +307,4 @@ class OnlineDPO(_PreferenceStep, L.LightningModule):
 
     def train_dataloader(self) -> DataLoader:
         c = self.config
-        return DataLoader(self.prompts, batch_size=c.batch_size, shuffle=True, collate_fn=list,
-                          drop_last=len(self.prompts) >= c.batch_size)
+        return self.make_loader(self.prompts, c.batch_size, True, list, drop_last=len(self.prompts) >= c.batch_size)

@@ -20,7 +20,7 @@ from rlhf_lab.data import PackedTextDataset, SFTDataset, pad_collate
 from rlhf_lab.losses import lm_loss
 from rlhf_lab.losses.masked import masked_sum
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw, check_fits_positions
+from rlhf_lab.stages.common import Budget, ResumableStage, adamw, check_fits_positions
 
 
 @dataclass
@@ -59,7 +59,7 @@ class SFTConfig:
         check_positive("max_length", self.max_length)
 
 
-class LanguageModeling(L.LightningModule):
+class LanguageModeling(ResumableStage, L.LightningModule):
     """Masked next-token NLL on a dataset of `input_ids`/`attention_mask`/`loss_mask` rows."""
 
     def __init__(self, policy: Policy, train_data: Dataset, val_data: Dataset | None, config):
@@ -68,6 +68,7 @@ class LanguageModeling(L.LightningModule):
         self.config = config
         self.train_data, self.val_data = train_data, val_data
         self.budget = Budget()
+        self._init_resumable()
         self.save_hyperparameters({"stage": type(self).__name__.lower(), **asdict(config)})
 
     def _targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -118,7 +119,7 @@ class LanguageModeling(L.LightningModule):
 
     def _loader(self, data: Dataset, shuffle: bool) -> DataLoader:
         collate = partial(pad_collate, pad_token_id=self.policy.tokenizer.pad_token_id)
-        return DataLoader(data, batch_size=self.config.batch_size, shuffle=shuffle, collate_fn=collate)
+        return self.make_loader(data, self.config.batch_size, shuffle, collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, shuffle=True)

@@ -56,8 +56,9 @@ from rlhf_lab.losses import (
 )
 from rlhf_lab.optim import trpo_step
 from rlhf_lab.policy import Policy
+from rlhf_lab.rewards.checks import check_scores
 from rlhf_lab.rollout import Rollout, RolloutBuffer
-from rlhf_lab.stages.common import Budget
+from rlhf_lab.stages.common import Budget, ResumableStage
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -223,7 +224,7 @@ class OnlineRLConfig:
 PPOConfig = OnlineRLConfig
 
 
-class OnlineRL(L.LightningModule):
+class OnlineRL(ResumableStage, L.LightningModule):
     """The online loop: sample, score, compute advantages, update (see the module docstring).
 
     Args:
@@ -286,6 +287,7 @@ class OnlineRL(L.LightningModule):
         self.buffer = RolloutBuffer(policy.tokenizer.pad_token_id)
         self.budget = Budget()
         self.history: list[dict] = []  # one row of train metrics per iteration, for plots and summaries
+        self._init_resumable()
         self.automatic_optimization = False
         self.save_hyperparameters({"stage": "online_rl", **asdict(c)})
 
@@ -296,11 +298,14 @@ class OnlineRL(L.LightningModule):
         c, policy = self.config, self.policy
         rollout = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
                                   top_p=c.top_p, samples_per_prompt=c.samples_per_prompt)
-        device = rollout.input_ids.device
-        rollout.scores = self.reward_fn(rollout.prompts, rollout.completions).to(device).float()
-        self.budget.reward_calls += len(rollout)
+        device, n = rollout.input_ids.device, len(rollout)
+        # Checked where they enter: one finite score per row, else a RewardError naming the row.
+        rollout.scores = check_scores(self.reward_fn(rollout.prompts, rollout.completions), n, self.reward_fn,
+                                      rollout.prompts, device=device)
+        self.budget.reward_calls += n
         if self.gold_fn is not None:
-            rollout.gold_scores = self.gold_fn(rollout.prompts, rollout.completions).to(device).float()
+            rollout.gold_scores = check_scores(self.gold_fn(rollout.prompts, rollout.completions), n, self.gold_fn,
+                                               rollout.prompts, device=device, what="gold reward")
         return self.annotate(rollout)
 
     @torch.no_grad()
@@ -455,6 +460,14 @@ class OnlineRL(L.LightningModule):
         self.history.append({"iteration": len(self.history) + 1, **metrics})
 
     # ------------------------------------------------------------------ wiring
+    def stage_state(self) -> dict:
+        return {**super().stage_state(), "history": list(self.history), "kl_coef": float(self.kl_ctl.value)}
+
+    def load_stage_state(self, state: dict) -> None:
+        super().load_stage_state(state)
+        self.history = list(state["history"])
+        self.kl_ctl.value = state["kl_coef"]  # the adaptive controller's β (fixed: unchanged)
+
     def _clip_per_group(self, optimizer) -> None:
         """Clip each parameter group's gradient norm on its own.
 
@@ -477,8 +490,9 @@ class OnlineRL(L.LightningModule):
         return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.prompts, batch_size=self.config.prompts_per_step, shuffle=True,
-                          collate_fn=list, drop_last=len(self.prompts) >= self.config.prompts_per_step)
+        c = self.config
+        return self.make_loader(self.prompts, c.prompts_per_step, True, list,
+                                drop_last=len(self.prompts) >= c.prompts_per_step)
 
 
 # PPO is the online loop at its default (PPO) preset.

@@ -13,7 +13,7 @@ from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
 from rlhf_lab.losses import bradley_terry_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, adamw, check_fits_positions
+from rlhf_lab.stages.common import Budget, ResumableStage, adamw, check_fits_positions
 
 
 @dataclass
@@ -37,7 +37,7 @@ class RewardModelConfig:
         check_positive("center_coef", self.center_coef, allow_zero=True)
 
 
-class RewardModel(L.LightningModule):
+class RewardModel(ResumableStage, L.LightningModule):
     """Train `policy.scores` (a scalar head at the last real token) to rank chosen over rejected."""
 
     config_class = RewardModelConfig
@@ -53,6 +53,7 @@ class RewardModel(L.LightningModule):
         self.train_data = PreferenceDataset(train_rows, policy.tokenizer, c.max_length)
         self.val_data = PreferenceDataset(val_rows, policy.tokenizer, c.max_length) if val_rows else None
         self.budget = Budget()
+        self._init_resumable()
         self.save_hyperparameters({"stage": "reward_model", **asdict(c)})
 
     def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
@@ -83,7 +84,7 @@ class RewardModel(L.LightningModule):
 
     def _loader(self, data: PreferenceDataset, shuffle: bool) -> DataLoader:
         collate = partial(preference_collate, pad_token_id=self.policy.tokenizer.pad_token_id)
-        return DataLoader(data, batch_size=self.config.batch_size, shuffle=shuffle, collate_fn=collate)
+        return self.make_loader(data, self.config.batch_size, shuffle, collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_data, shuffle=True)

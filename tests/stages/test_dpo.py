@@ -55,6 +55,7 @@ def test_precomputed_reference_equals_the_frozen_copy(make_policy, task, tmp_pat
     copy_stage = DPO(make_policy(seed=3, reference="copy"), rows, None, DPOConfig(batch_size=8))
     pre_stage = DPO(make_policy(seed=3), rows, None, DPOConfig(batch_size=8, reference="precomputed"))
     assert pre_stage.policy.reference is None  # no second model in memory
+    pre_stage.data_seed = copy_stage.data_seed  # the same batches in the same order
     batch = next(iter(pre_stage.train_dataloader()))
     from_copy = copy_stage._reference(batch, "train")
     from_table = pre_stage._reference(batch, "train")
