@@ -22,6 +22,16 @@ def _run(*args: str, cwd) -> subprocess.CompletedProcess:
                           env=env, timeout=300)
 
 
+def _in_process(capsys, *args: str):
+    """`main(args)` in this process, as (returncode, stderr): the same code path as the command,
+    without the seconds of a fresh process's imports (one test below runs the real process)."""
+    from types import SimpleNamespace
+
+    capsys.readouterr()
+    code = main(list(args))
+    return SimpleNamespace(returncode=code, stderr=capsys.readouterr().err)
+
+
 def _one_line_error(result: subprocess.CompletedProcess, command: str = "fit") -> str:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.splitlines()
@@ -38,19 +48,19 @@ def reward_model_dir(make_policy, tmp_path):
     return folder
 
 
-def test_an_empty_data_file_is_one_line_naming_it_and_writes_no_folder(tmp_path):
+def test_an_empty_data_file_is_one_line_naming_it_and_writes_no_folder(tmp_path, capsys):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n\n")
-    result = _run("fit", "sft", "--data.format", "prompt_completion", "--data.path", str(data),
-                  "--out", str(tmp_path / "run"), cwd=tmp_path)
+    result = _in_process(capsys, "fit", "sft", "--data.format", "prompt_completion", "--data.path", str(data),
+                         "--out", str(tmp_path / "run"))
     assert _one_line_error(result) == (f"{data}: has no rows (the file is empty or holds only blank lines); "
                                        "data.path needs at least one row")
     assert not (tmp_path / "run").exists()
 
 
-def test_a_reward_model_given_as_the_policy_is_one_line(reward_model_dir, tmp_path):
-    result = _run("fit", "sft", "--task", "arithmetic", "--model.backbone", str(reward_model_dir),
-                  "--out", str(tmp_path / "run"), cwd=tmp_path)
+def test_a_reward_model_given_as_the_policy_is_one_line(reward_model_dir, tmp_path, capsys):
+    result = _in_process(capsys, "fit", "sft", "--task", "arithmetic", "--model.backbone", str(reward_model_dir),
+                         "--out", str(tmp_path / "run"))
     assert _one_line_error(result) == (f"{reward_model_dir} is a reward model (stage reward_model); model.backbone "
                                        "needs a policy checkpoint (pretrain, sft, or an RL or DPO stage's)")
     assert not (tmp_path / "run").exists()

@@ -160,7 +160,8 @@ def test_a_changed_setting_is_refused_before_anything_runs(finished, tmp_path, c
     from rlhf_lab.compare.cli import compare_main
 
     args = SimpleNamespace(task="arithmetic", algorithms=ALGS, seeds=SEEDS, budget=None, budget_unit="samples",
-                           evals=3, base_seed=0, backbone="gpt2-tiny", quick=True, workers=1, logger="csv", out=out)
+                           evals=3, base_seed=0, backbone="gpt2-tiny", quick=True, workers=1, logger="csv", out=out,
+                           checkpoint_every=100)
     assert compare_main(args) == 2
     assert "evals: saved 2, now 3" in capsys.readouterr().err
     assert sorted(os.listdir(os.path.join(out, "runs"))) == sorted(RUNS)  # nothing ran, nothing removed

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -158,35 +156,31 @@ def test_sampler_order_depends_on_seed_and_epoch_and_skips_once():
 # --------------------------------------------------------------------------- the CLI, end to end
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "rlhf_lab.cli", *args], env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
 @pytest.mark.slow
-def test_fit_into_a_finished_folder_exits_2_and_changes_nothing(tmp_path):
+def test_fit_into_a_finished_folder_exits_2_and_changes_nothing(tmp_path, capsys):
+    from rlhf_lab.cli import main
+
     args = ["fit", "sft", "--task", "arithmetic", "--out", str(tmp_path), "--trainer.max_steps", "2",
             "--eval.prompts", "0", "--model.overrides", "{n_layer: 1, n_embd: 32, n_head: 2}",
             "--trainer.enable_progress_bar", "false"]
-    assert _cli(*args).returncode == 0
+    assert main(args) == 0
     assert os.path.exists(tmp_path / "sft" / COMPLETE_FILE)
     before = _snapshot(tmp_path)
-    again = _cli(*args)
-    assert again.returncode == 2
-    lines = again.stderr.strip().splitlines()
-    assert len(lines) == 1 and "already holds a finished run; pass --resume" in lines[0], again.stderr
+    capsys.readouterr()
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and "already holds a finished run; pass --resume" in lines[0], lines
     assert _snapshot(tmp_path) == before
     # --resume on a finished run trains nothing and changes nothing either
-    resumed = _cli(*args, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    assert main([*args, "--resume"]) == 0
     assert _snapshot(tmp_path) == before
     # a changed config cannot resume an unfinished run
     os.remove(tmp_path / "sft" / COMPLETE_FILE)
     os.makedirs(tmp_path / "sft" / "checkpoints")
     torch.save({"x": 1}, tmp_path / "sft" / "checkpoints" / "last.ckpt")
-    changed = _cli(*args, "--resume", "--config.lr", "0.5")
-    assert changed.returncode == 2 and "cannot resume with a different config: config.lr" in changed.stderr
+    capsys.readouterr()
+    assert main([*args, "--resume", "--config.lr", "0.5"]) == 2
+    assert "cannot resume with a different config: config.lr" in capsys.readouterr().err
 
 
 def test_an_unfinished_run_is_not_a_model_to_start_from(tmp_path):
