@@ -203,7 +203,8 @@ def test_load_refuses_a_checkpoint_of_the_wrong_kind(make_policy, tmp_path):
     from rlhf_lab.errors import CheckpointError
 
     rm_dir, sft_dir, plain_dir = tmp_path / "reward_model", tmp_path / "sft", tmp_path / "plain"
-    make_policy(scalar_head=True).save(str(rm_dir), extra={"stage": "reward_model"})
+    rm = make_policy(scalar_head=True)
+    rm.save(str(rm_dir), extra={"stage": "reward_model"})
     make_policy().save(str(sft_dir), extra={"stage": "sft"})
     make_policy().save(str(plain_dir))  # no stage recorded, no head
     with pytest.raises(CheckpointError) as info:
@@ -219,9 +220,11 @@ def test_load_refuses_a_checkpoint_of_the_wrong_kind(make_policy, tmp_path):
         Policy.load(str(plain_dir), scalar_head=True, expect="reward_model", field="reward.path")
     # The legitimate uses still load: each kind as itself, an SFT policy as the start of a reward
     # model (a fresh head), and any folder without `expect`.
-    assert Policy.load(str(rm_dir), expect="reward_model").scalar_head is not None
+    loaded = Policy.load(str(rm_dir), expect="reward_model").scalar_head
+    assert torch.equal(loaded.weight, rm.scalar_head.weight) and torch.equal(loaded.bias, rm.scalar_head.bias)
     assert Policy.load(str(sft_dir), expect="policy").scalar_head is None
-    assert Policy.load(str(sft_dir), scalar_head=True).scalar_head is not None
+    fresh = Policy.load(str(sft_dir), scalar_head=True).scalar_head  # a new head: one score per hidden state
+    assert fresh.weight.shape == rm.scalar_head.weight.shape and not torch.equal(fresh.weight, rm.scalar_head.weight)
     Policy.load(str(rm_dir))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         Policy.load(str(tmp_path / "missing"))
