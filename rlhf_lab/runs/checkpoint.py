@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rlhf_lab.checks import check_positive
+from rlhf_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -52,18 +53,8 @@ CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
 
 
-class RunFolderError(ValueError):
-    """A run folder that cannot be used as asked (it holds a run, or no checkpoint to resume)."""
-
-
-def _user_error(message: str) -> Exception:
-    """A RunFolderError that is also the package's user error when `rlhf_lab.errors` defines one."""
-    try:
-        from rlhf_lab.errors import UserError
-    except ImportError:  # pragma: no cover - the hierarchy is optional at this layer
-        return RunFolderError(message)
-    cls = type("RunFolderError", (RunFolderError, UserError), {})
-    return cls(message)
+class RunFolderError(UserError):
+    """A run folder that cannot be used as asked (it holds a run, or an unfinished one as a model)."""
 
 
 @dataclass
@@ -113,7 +104,7 @@ def check_finished(folder: str, field: str) -> None:
     """
     ours = os.path.isfile(os.path.join(folder, "config.yaml"))
     if ours and not is_complete(folder) and not os.path.isfile(os.path.join(folder, "summary.json")):
-        raise _user_error(f"{field}: {folder} is an unfinished run (no {COMPLETE_FILE}); continue it with "
+        raise RunFolderError(f"{field}: {folder} is an unfinished run (no {COMPLETE_FILE}); continue it with "
                           "--resume before starting from it")
 
 
@@ -153,7 +144,7 @@ def prepare_run_folder(folder: str, resume: bool = False, overwrite: bool = Fals
     deletes it; `resume` on an unfinished folder without a checkpoint clears it and starts over.
     """
     if resume and overwrite:
-        raise _user_error("--resume and --overwrite exclude each other: continue the run, or replace it")
+        raise RunFolderError("--resume and --overwrite exclude each other: continue the run, or replace it")
     holds = os.path.isdir(folder) and bool(os.listdir(folder))
     if not holds:
         return "new", None
@@ -163,7 +154,7 @@ def prepare_run_folder(folder: str, resume: bool = False, overwrite: bool = Fals
     finished = is_complete(folder)
     if not resume:
         what = "a finished run" if finished else "an unfinished run"
-        raise _user_error(f"{folder} already holds {what}; pass --resume to continue it, --overwrite to "
+        raise RunFolderError(f"{folder} already holds {what}; pass --resume to continue it, --overwrite to "
                           "replace it, or choose another --out")
     if finished:
         return "finished", None
@@ -292,7 +283,7 @@ def _make_run_state():
         def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
             state = checkpoint.get("rlhf_lab")
             if state is None:
-                raise _user_error("the checkpoint was not written by an rlhf_lab run (no 'rlhf_lab' state); "
+                raise RunFolderError("the checkpoint was not written by an rlhf_lab run (no 'rlhf_lab' state); "
                                   "it cannot be resumed exactly")
             self._restore = state
             rows = checkpoint.get("rlhf_lab_log", {})
