@@ -24,9 +24,9 @@ pytestmark = pytest.mark.slow
 TINY = ["--model.overrides", "{n_layer: 1, n_embd: 32, n_head: 2}", "--trainer.enable_progress_bar", "false"]
 # stage -> arguments; each run is long enough to be killed between checkpoints.
 CASES = {
-    "pretrain": ["--task", "arithmetic", "--trainer.max_steps", "40", "--checkpoint.every_n_steps", "3",
+    "pretrain": ["--task", "arithmetic", "--trainer.max_steps", "120", "--checkpoint.every_n_steps", "3",
                  "--config.batch_size", "8"],
-    "sft": ["--task", "arithmetic", "--trainer.max_steps", "40", "--checkpoint.every_n_steps", "3",
+    "sft": ["--task", "arithmetic", "--trainer.max_steps", "120", "--checkpoint.every_n_steps", "3",
             "--config.batch_size", "8", "--eval.prompts", "8", "--eval.every", "10"],
     "reward_model": ["--data.format", "preference", "--trainer.max_steps", "40", "--checkpoint.every_n_steps", "3",
                      "--config.batch_size", "4"],
@@ -77,7 +77,7 @@ def resumed(tmp_path_factory):
     try:
         for i, stage in enumerate(CASES):
             kill_after_checkpoint(cli(*args(stage, root / "b")),
-                                  str(root / "b" / stage / "checkpoints" / "last.ckpt"), seed=i)
+                                  str(root / "b" / stage / "checkpoints" / "last.ckpt"), seed=i, max_delay=0.5)
             assert not os.path.exists(root / "b" / stage / "COMPLETE.json")
         run(_in_one_process([[*args(s, root / "b"), "--resume"] for s in CASES]))
     finally:
