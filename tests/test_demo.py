@@ -108,39 +108,32 @@ SEED0 = {"sft_gold": 0.235, "pairs": 1908, "rm_val_accuracy": 0.953, "rl_gold": 
 
 @pytest.mark.slow
 def test_full_demo_killed_and_resumed_gives_the_readme_numbers(tmp_path):
-    """The default demo, SIGKILLed at a random moment of its pretraining and resumed, ends with the
-    seed-0 numbers of an uninterrupted run: resume is exact, and a change of a dependency or of the
-    code that moves the numbers is caught here."""
-    import random
-    import signal
+    """The default demo, SIGKILLed in its pretraining and resumed, ends with the seed-0 numbers of
+    an uninterrupted run: resume is exact, and a change of a dependency or of the code that moves
+    the numbers is caught here."""
+    import importlib.util
     import subprocess
-    import sys
-    import time
+    from pathlib import Path
 
+    spec = importlib.util.spec_from_file_location("faults", Path(__file__).parent / "runs" / "faults.py")
+    faults = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(faults)
     out = str(tmp_path / "run")
-    cmd = [sys.executable, "-m", "rlhf_lab.cli", "demo", "--no-progress", "--out", out]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Killed early in pretraining (after its first checkpoint), so little work is lost: the resumed
-    # demo continues pretraining from its checkpoint and every later stage from its random stream.
-    marker = os.path.join(out, "pretrain", "checkpoints", "last.ckpt")
-    deadline = time.monotonic() + 600
-    while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    delay = random.uniform(0, 8)
-    time.sleep(delay)
-    assert proc.poll() is None, "the demo ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = ["demo", "--no-progress", "--out", out]
+    # Killed at pretraining step 150 of 1000 (checkpoints every 100), so little work is lost: the
+    # resumed demo continues pretraining from step 100 and every later stage from its random stream.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # the README's numbers come from the default threads
+    faults.kill_at(faults.at_fault(args, {"step": 150}), env=env)
+    assert sorted(os.listdir(os.path.join(out, "pretrain", "checkpoints"))) == ["last.ckpt", "step=100.ckpt"]
     assert not os.path.exists(os.path.join(out, "summary.json"))
-    resumed = subprocess.run([*cmd, "--resume"], env=env, capture_output=True, text=True, timeout=1200)
-    assert resumed.returncode == 0, f"killed {delay:.1f} s after the checkpoint:\n{resumed.stderr[-3000:]}"
+    resumed = subprocess.run(faults.cli(*args, "--resume"), env=env, capture_output=True, text=True, timeout=1200)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = _check_run_folder(out)
     seen = {"sft_gold": summary["sft"]["gold_accuracy"], "pairs": summary["reward_model"]["pairs"],
             "rm_val_accuracy": round(summary["reward_model"]["val_accuracy"], 3),
             "rl_gold": summary["rl"]["gold_accuracy"], "rl_reward": round(summary["rl"]["reward"], 3),
             "rl_kl": round(summary["rl"]["kl"], 3), "steps": summary["rl"]["steps"]}
-    assert seen == SEED0, f"killed {delay:.1f} s after the first checkpoint"
+    assert seen == SEED0
     assert summary["rl"]["gold_accuracy"] >= summary["sft"]["gold_accuracy"] + 0.10  # what the README shows
 
 

@@ -135,6 +135,15 @@ def find_checkpoint(folder: str) -> str | None:
     return None
 
 
+def _remove_partial_writes(folder: str) -> None:
+    """Delete the temporary files of atomic writes a killed process left in `folder` (never renamed)."""
+    partial = glob.glob(os.path.join(folder, "*.tmp-*")) + glob.glob(os.path.join(folder, CHECKPOINT_DIR, "*.tmp-*"))
+    for path in partial:
+        os.remove(path)
+    if partial:
+        log.info("removed %d partial file(s) an interrupted write left in %s", len(partial), folder)
+
+
 def prepare_run_folder(folder: str, resume: bool = False, overwrite: bool = False) -> tuple[str, str | None]:
     """Decide what the run in `folder` does; returns (mode, checkpoint path or None).
 
@@ -158,6 +167,7 @@ def prepare_run_folder(folder: str, resume: bool = False, overwrite: bool = Fals
                           "replace it, or choose another --out")
     if finished:
         return "finished", None
+    _remove_partial_writes(folder)
     ckpt = find_checkpoint(folder)
     if ckpt is None:
         log.warning("%s holds no checkpoint to resume from (the run stopped before its first one); "

@@ -1,8 +1,9 @@
-"""Fault injection for the resume tests: run a command, SIGKILL it after its first checkpoint, resume.
+"""Fault injection for the resume tests: run a real process, SIGKILL it at a chosen point, resume.
 
-`kill_after_checkpoint(cmd, folder)` starts `cmd` (a real process), waits until
-`folder/checkpoints/last.ckpt` exists, then a random delay (so the kill lands at a random step,
-possibly in the middle of writing the next checkpoint or a log row), and kills it with SIGKILL.
+`kill_at(at_fault(args, plan))` runs `rlhf-lab ARGS` in its own process, which stops itself at
+the point `plan` names (a training step, or the middle of its N-th checkpoint write), and kills it
+there with SIGKILL. The point is chosen by the test (from a seed), so the kill lands mid-run on
+any machine, however fast.
 `same_run(a, b)` compares two finished run folders: the weights bit for bit, and `metrics.csv` /
 `samples.csv` row for row, except the wall-clock columns.
 """
@@ -10,12 +11,13 @@ possibly in the middle of writing the next checkpoint or a log row), and kills i
 from __future__ import annotations
 
 import csv
+import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
+import tempfile
+import threading
 
 import torch
 from safetensors.torch import load_file
@@ -35,33 +37,80 @@ def run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     return proc
 
 
-def kill_after_checkpoint(cmd: list[str], marker: str, seed: int, max_delay: float = 1.5,
-                          timeout: float = 600) -> float:
-    """Start `cmd`, SIGKILL it a random time after `marker` (a file) appears; returns the delay.
+def at_fault(args: list[str], plan: dict) -> list[str]:
+    """The command `rlhf-lab ARGS` in a process that stops itself (SIGSTOP) at `plan`:
 
-    Fails if the process ends by itself before it could be killed (the run was too short to test).
+    - `{"step": K}`: at the start of the first training batch whose global step is at least K
+      (after the previous batch's checkpoint was written);
+    - `{"write": N}`: in the middle of writing its N-th checkpoint file, after the data went to the
+      temporary file and before it is renamed to `*.ckpt` (counting only paths that contain
+      `plan["under"]` when given).
+
+    The point is a place in the run, not a time, so the kill lands there on a fast or a slow machine.
     """
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    start = time.monotonic()
-    try:
-        while not os.path.exists(marker):
-            if proc.poll() is not None:
-                raise AssertionError(f"the run ended ({proc.returncode}) before {marker} appeared:\n"
-                                     f"{proc.stderr.read()[-3000:]}")
-            if time.monotonic() - start > timeout:
-                raise AssertionError(f"no {marker} after {timeout} s")
-            time.sleep(0.01)
-        delay = random.Random(seed).uniform(0, max_delay)
-        time.sleep(delay)
-        assert proc.poll() is None, f"the run finished within {delay:.2f} s of its first checkpoint: make it longer"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-        assert proc.returncode == -signal.SIGKILL
-        return delay
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+    return [sys.executable, os.path.abspath(__file__), json.dumps(plan), *args]
+
+
+def kill_at(cmd: list[str], timeout: float = 600, env: dict | None = None) -> None:
+    """Run `cmd` (an `at_fault` command) until it stops itself, then SIGKILL it.
+
+    Fails if the process ends by itself before it reaches its fault point (the plan was past the
+    end of the run).
+    """
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, env=ENV if env is None else env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        timer = threading.Timer(timeout, proc.kill)
+        timer.start()
+        try:
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)  # returns when the child stops or ends
+        finally:
+            timer.cancel()
+        if not os.WIFSTOPPED(status):
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            err.seek(0)
+            raise AssertionError(f"{' '.join(cmd)} ended ({proc.returncode}) before its fault point:\n"
+                                 f"{err.read()[-3000:]}")
+        os.kill(proc.pid, signal.SIGKILL)
+        _, status = os.waitpid(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        assert proc.returncode == -signal.SIGKILL, proc.returncode
+
+
+def _install(plan: dict) -> None:
+    """Make this process stop itself at `plan` (see `at_fault`)."""
+    from rlhf_lab.runs import checkpoint
+
+    def stop() -> None:
+        os.kill(os.getpid(), signal.SIGSTOP)
+        raise AssertionError("resumed after SIGSTOP: the test kills a stopped run, never continues it")
+
+    if "step" in plan:
+        make = checkpoint.RunState
+
+        def run_state(io):
+            callback = make(io)
+            original = callback.on_train_batch_start
+
+            def on_train_batch_start(trainer, *args):
+                original(trainer, *args)
+                if trainer.global_step >= plan["step"]:
+                    stop()
+
+            callback.on_train_batch_start = on_train_batch_start
+            return callback
+
+        checkpoint.RunState = run_state
+    else:
+        replace, writes = os.replace, []
+
+        def os_replace(src, dst, *args, **kwargs):
+            if str(dst).endswith(".ckpt") and plan.get("under", "") in str(dst):
+                writes.append(dst)
+                if len(writes) == plan["write"]:
+                    stop()
+            return replace(src, dst, *args, **kwargs)
+
+        os.replace = os_replace
 
 
 def weights(folder: str) -> dict[str, torch.Tensor]:
@@ -95,3 +144,10 @@ def same_run(a: str, b: str) -> None:
             assert len(ra) == len(rb), f"{name}: {len(ra)} rows vs {len(rb)}"
             for i, (x, y) in enumerate(zip(ra, rb, strict=True)):
                 assert x == y, f"{name} row {i} differs:\n{x}\n{y}"
+
+
+if __name__ == "__main__":  # at_fault's command: python faults.py PLAN ARGS...
+    _install(json.loads(sys.argv[1]))
+    from rlhf_lab.cli import main
+
+    sys.exit(main(sys.argv[2:]))
