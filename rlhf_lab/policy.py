@@ -16,6 +16,12 @@ Alignment convention (see `rlhf_lab.rollout`): per-token outputs are `(B, T)` ov
 sequence and column t refers to token t — `logprobs[:, t] = log π(x_t | x_<t)` and
 `values[:, t] = V(x_<t)`, the value of the state in which x_t was chosen. Column 0 has no
 context and is 0.
+
+Precision: log-probs, entropies, values and scores are fp32 whatever the model's dtype and the
+autocast context (Lightning's `bf16-mixed` / `16-mixed`): the logits (or hidden states) are upcast
+and the log-softmax and heads run with autocast off (`rlhf_lab.sampling.fp32`); the model's own
+matmuls may stay in low precision. In fp32 nothing changes, bit for bit. `save` writes the weights
+in their own dtype (an fp32 model trained under `bf16-mixed` stays fp32 on disk).
 """
 
 from __future__ import annotations
@@ -393,14 +399,16 @@ class Policy(nn.Module):
     @staticmethod
     def _token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
                         with_entropy: bool):
-        logits = logits[:, :-1].float() / temperature  # (B, T-1, V) predicts tokens 1..T-1
-        logp_all = logits.log_softmax(dim=-1)
-        logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-        logp = nn.functional.pad(logp, (1, 0))  # column 0 has no context
-        if not with_entropy:
-            return logp, None
-        entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
-        return logp, nn.functional.pad(entropy, (1, 0))
+        """Log-probs (and entropies) of `logits`, always in fp32 (see `sampling.fp32`)."""
+        with sampling.fp32(logits):
+            logits = logits[:, :-1].float() / temperature  # (B, T-1, V) predicts tokens 1..T-1
+            logp_all = logits.log_softmax(dim=-1)
+            logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+            logp = nn.functional.pad(logp, (1, 0))  # column 0 has no context
+            if not with_entropy:
+                return logp, None
+            entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
+            return logp, nn.functional.pad(entropy, (1, 0))
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  temperature: float = 1.0, return_entropy: bool = False):
@@ -485,9 +493,22 @@ class Policy(nn.Module):
             raise ValueError(f"Policy.{what} needs a scalar head (construct with scalar_head=True)")
 
     @staticmethod
-    def _values_from_hidden(hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
-        v = head(hidden[:, :-1].to(head.weight.dtype)).squeeze(-1)
-        return nn.functional.pad(v.float(), (1, 0))
+    def _head_fp32(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
+        """`head(hidden)` computed in fp32 whatever the autocast context and the weights' dtype.
+
+        A value or score head is one (H → 1) product, too cheap to run in low precision, and its
+        output feeds advantages and the Bradley–Terry loss directly. For fp32 weights and states
+        outside autocast this is exactly `head(hidden)`; gradients reach bf16/fp16 weights in
+        their own dtype.
+        """
+        with sampling.fp32(hidden):
+            return nn.functional.linear(hidden.float(), head.weight.float(),
+                                        None if head.bias is None else head.bias.float())
+
+    @classmethod
+    def _values_from_hidden(cls, hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
+        v = cls._head_fp32(head, hidden[:, :-1]).squeeze(-1)
+        return nn.functional.pad(v, (1, 0))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Per-token values `values[:, t] = V(x_<t)`, from the critic or the head. Shape: (B, T)."""
@@ -509,7 +530,7 @@ class Policy(nn.Module):
         t = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.long() * t).argmax(dim=1)  # index of the last 1 in each row
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self.scalar_head(picked.to(self.scalar_head.weight.dtype)).squeeze(-1).float()
+        return self._head_fp32(self.scalar_head, picked).squeeze(-1)
 
     # ------------------------------------------------------------------ generation
     def generate(

@@ -8,10 +8,17 @@ distribution, so they equal the Policy's teacher-forced `logprobs` on the return
 
 Stages call `Policy.generate`, never these functions directly: the Policy stays the one door to
 a model.
+
+Precision: under mixed precision (`torch.autocast`, which Lightning's `bf16-mixed` and `16-mixed`
+put around a training step, generation included) the model's logits come out in bf16/fp16. Every
+log-prob, entropy and sampling distribution is computed from them upcast to fp32, with autocast
+off (`fp32`): the logits matmul may run in low precision, the softmax and everything after it
+never do. In an fp32 run this changes nothing, bit for bit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 
@@ -20,10 +27,24 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from rlhf_lab.rollout import Rollout
 
-__all__ = ["check_sampling", "decode_responses", "encode_prompts", "generate", "position_ids_from_mask",
+__all__ = ["check_sampling", "decode_responses", "encode_prompts", "fp32", "generate", "position_ids_from_mask",
            "top_p_filter"]
 
 log = logging.getLogger(__name__)
+
+
+def fp32(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    """A block where autocast is off on `tensor`'s device, so ops on fp32 inputs stay fp32.
+
+    Used around every log-softmax, entropy and head computation: whichever ops an autocast
+    policy lowers (on CPU or CUDA, in bf16 or fp16), nothing in the block does. Outside autocast
+    it does nothing.
+    """
+    device_type = tensor.device.type
+    available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+    if not available(device_type) or not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -169,22 +190,23 @@ def _sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greed
         out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
                     use_cache=True, **{cache_kw: cache})
         cache = _returned_cache(out, model)
-        logits = out.logits[:, -1].float() / temperature  # (B, V)
-        logp_all = logits.log_softmax(dim=-1)
-        sample_logits = logits
-        if suppress_eos:
-            sample_logits = sample_logits.clone()
-            sample_logits[:, eos] = float("-inf")
-        if greedy:
-            token = sample_logits.argmax(dim=-1)
-        else:
-            if top_p < 1.0:
-                sample_logits = top_p_filter(sample_logits, top_p)
-            probs = sample_logits.softmax(dim=-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-        live = ~finished
-        token = torch.where(live, token, torch.full_like(token, pad))
-        logp = logp_all.gather(-1, token[:, None]).squeeze(-1) * live
+        with fp32(out.logits):  # the distribution and the recorded log-probs are fp32 (see above)
+            logits = out.logits[:, -1].float() / temperature  # (B, V)
+            logp_all = logits.log_softmax(dim=-1)
+            sample_logits = logits
+            if suppress_eos:
+                sample_logits = sample_logits.clone()
+                sample_logits[:, eos] = float("-inf")
+            if greedy:
+                token = sample_logits.argmax(dim=-1)
+            else:
+                if top_p < 1.0:
+                    sample_logits = top_p_filter(sample_logits, top_p)
+                probs = sample_logits.softmax(dim=-1)
+                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+            live = ~finished
+            token = torch.where(live, token, torch.full_like(token, pad))
+            logp = logp_all.gather(-1, token[:, None]).squeeze(-1) * live
         tokens.append(token)
         logps.append(logp)
         alive.append(live)

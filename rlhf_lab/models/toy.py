@@ -436,6 +436,23 @@ class ToyLSTMForCausalLM(_ToyPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.post_init()
 
+    def _lstm(self, x, h, c):
+        """`self.lstm(x, (h, c))` in the LSTM's own dtype, with autocast off.
+
+        CPU autocast lowers `lstm` to bf16 but leaves an fp32 state as it is, and oneDNN then
+        fails ("could not create a primitive descriptor for the LSTM forward propagation
+        primitive"); a recurrent state also drifts when every step rounds it to bf16. So the
+        recurrence runs in the weights' dtype (fp32 for a model trained under `bf16-mixed`),
+        which leaves an fp32 run unchanged bit for bit.
+        """
+        dtype = self.lstm.weight_ih_l0.dtype
+        device_type = x.device.type
+        available = getattr(torch.amp, "is_autocast_available", lambda d: d in ("cpu", "cuda"))
+        if not available(device_type) or not torch.is_autocast_enabled(device_type):
+            return self.lstm(x.to(dtype), (h.to(dtype), c.to(dtype)))
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.lstm(x.to(dtype), (h.to(dtype), c.to(dtype)))
+
     def _body(self, embeds, attention_mask, position_ids, cache):
         """Run the LSTM over the new columns from the cached `(h, c)` (zeros at the start)."""
         b, t, _ = embeds.shape
@@ -455,11 +472,11 @@ class ToyLSTMForCausalLM(_ToyPreTrainedModel, GenerationMixin):
                 j = i
                 while j < t and full_cols[j]:
                     j += 1
-                out, (h, c) = self.lstm(x[:, i:j], (h, c))
+                out, (h, c) = self._lstm(x[:, i:j], h, c)
                 outs.append(out)
                 i = j
                 continue
-            out, (h_new, c_new) = self.lstm(x[:, i : i + 1], (h, c))
+            out, (h_new, c_new) = self._lstm(x[:, i : i + 1], h, c)
             keep = real[:, i]
             h = torch.where(keep[None, :, None], h_new, h)
             c = torch.where(keep[None, :, None], c_new, c)
