@@ -12,7 +12,7 @@ LOCK_ARG := $(if $(USE_LOCK),-c $(USE_LOCK))
 # One stamp per install mode, so switching between locked and newest reinstalls.
 STAMP := $(VENV)/.installed-$(if $(USE_LOCK),locked,newest)
 
-.PHONY: demo test lint install lock clean
+.PHONY: demo test lint install lock clean tox
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)
 
+# The tox matrix of tox.ini (Python 3.10-3.12 x torch 2.4, 2.6, 2.13; interpreters that are missing
+# are skipped), with tox installed into the venv. One env: `make tox TOXENV=py311-torch213`; the locked
+# set of `make test`: `make tox TOXENV=locked`. Each env builds its own venv under .tox/ (a torch
+# download per torch version). TOX_ARGS go to tox, e.g. TOX_ARGS="-- -x tests/losses".
+TOXENV ?=
+$(BIN)/tox: $(BIN)/python
+	$(BIN)/pip install --quiet $(LOCK_ARG) "tox>=4"
+
+tox: $(BIN)/tox
+	$(BIN)/tox $(if $(TOXENV),-e $(TOXENV)) $(TOX_ARGS)
+
 # Rewrite requirements/lock.txt with the newest versions, resolved in a throwaway venv (its header
 # comment is kept). Then run `make clean test` and commit the file.
 lock:
@@ -49,4 +60,4 @@ lock:
 	rm -rf .venv-lock
 
 clean:
-	rm -rf $(VENV) .venv-lock .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-lock .tox .pytest_cache .ruff_cache *.egg-info

@@ -103,6 +103,9 @@ every key of a stage with its value):
   trainer.max_steps, trainer.accelerator, trainer.devices, trainer.precision, trainer.strategy,
     trainer.val_check_interval, trainer.log_every_n_steps, trainer.enable_progress_bar,
     trainer.on_nonfinite (skip|stop)          a NaN/inf gradient: skip the step (train/skipped_steps) or fail
+  trainer.KEY                                any other lightning.Trainer argument, passed through, e.g.
+                                             trainer.accumulate_grad_batches, trainer.gradient_clip_val,
+                                             trainer.num_nodes, trainer.profiler (docs/scale.md)
   logger.kind (csv|wandb|both|none), logger.project, logger.group, logger.tags, logger.name,
     logger.offline
 

@@ -166,6 +166,17 @@ def _build(cls, data: dict, prefix: str, hooks: dict):
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
+    spill = next((name for name, f in fields.items() if f.metadata.get("flatten")), None)
+    if unknown and spill is not None:
+        # A field marked `metadata={"flatten": True}` (a dict) takes the keys no other field has,
+        # and the class' __post_init__ checks them (e.g. TrainerConfig.options: any Trainer argument).
+        # `plain_config` writes its items back beside the other fields, so a dump loads back the same.
+        given = data.get(spill)
+        if given is not None and not isinstance(given, dict):
+            raise ConfigError(f"{prefix + '.' if prefix else ''}{spill}: expected a mapping, got {given!r}")
+        data = {**{k: v for k, v in data.items() if k not in unknown},
+                spill: {**(given or {}), **{k: v for k, v in data.items() if k in unknown}}}
+        unknown = []
     if unknown:
         where = f"{prefix}." if prefix else ""
         raise ConfigError(f"unknown key(s) {', '.join(where + k for k in unknown)}; "

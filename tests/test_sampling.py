@@ -109,6 +109,8 @@ def _sample_pinned(policy):
                            generator=torch.Generator().manual_seed(7))
 
 
+@pytest.mark.skipif(torch.__version__ < (2, 7), reason="torch.multinomial's draws for a seed changed in torch 2.7 "
+                    "(pytorch/pytorch#154031); the pins were recorded on torch 2.13")
 @pytest.mark.parametrize("name", sorted(PINNED_TOKENS))
 def test_sampled_tokens_for_a_fixed_seed_are_pinned(name, tokenizer):
     rollout = _sample_pinned(_seeded_policy(name, tokenizer))
