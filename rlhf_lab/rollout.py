@@ -10,7 +10,7 @@ Per-sequence fields (`scores`, `group_ids`) are `(B,)`.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -192,6 +192,7 @@ class RolloutBuffer:
         gamma: float = 1.0,
         lam: float = 0.95,
         whiten: bool = True,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> Rollout:
         """Fill `advantages` and `returns` of the buffered rollout.
 
@@ -200,6 +201,11 @@ class RolloutBuffer:
         per-sequence `rewards` summed over the response, grouped by the rollout's `group_ids`
         (rows with one id are the samples of one prompt, wherever they sit in the batch), and
         broadcast to every response token.
+
+        `reduce`: when this buffer holds one process's part of a batch spread over several (the
+        groups of a prompt always on one process), a function summing a tensor over the
+        processes; the `batch_mean` baseline and the whitening then use the whole batch's
+        statistics. The group baselines and GAE are per group or per row already.
         """
         data = self.data
         if data.rewards is None:
@@ -214,6 +220,9 @@ class RolloutBuffer:
                 raise ValueError(f"estimator '{estimator}' needs rollout.group_ids (Policy.generate sets them)")
             seq_return = (data.rewards * mask).sum(dim=1)
             seq_adv = BASELINES[estimator](seq_return, data.group_ids)
+            if estimator == "batch_mean" and reduce is not None:  # the global batch's mean
+                count = reduce(torch.tensor(float(len(seq_return)), dtype=seq_return.dtype, device=mask.device))
+                seq_adv = seq_return - reduce(seq_return.sum()) / count
             advantages = seq_adv[:, None] * mask
             returns = seq_return[:, None] * mask
         else:
@@ -222,25 +231,35 @@ class RolloutBuffer:
                 + ", ".join(ADVANTAGE_ESTIMATORS)
             )
         if whiten:
-            advantages = masked_whiten(advantages, mask, shift_mean=True)
+            advantages = masked_whiten(advantages, mask, shift_mean=True, reduce=reduce)
         data.advantages = advantages
         data.returns = returns
         return data
 
     def minibatches(
-        self, num_minibatches: int, epochs: int = 1, generator: torch.Generator | None = None
+        self, num_minibatches: int, epochs: int = 1, generator: torch.Generator | None = None, *,
+        offset: int = 0, total: int | None = None, permutation: Callable[[int], torch.Tensor] | None = None,
     ) -> Iterator[Rollout]:
         """Yield `epochs` passes over the buffer, each a fresh shuffle split into minibatches.
 
         Every sample appears exactly once per epoch; minibatch sizes differ by at most one.
+
+        Spread over processes: this buffer holds rows `[offset, offset + len)` of a batch of
+        `total` rows. Each pass then shuffles the whole batch with `permutation(total)` (the same
+        on every process), splits it into minibatches, and yields this process's rows of each
+        (possibly none); the union over processes is the minibatch a one-process run with the
+        same permutation takes.
         """
         data = self.data
         n = len(data)
-        if not 1 <= num_minibatches <= n:
-            raise ValueError(f"num_minibatches must be in [1, {n}] for a buffer of {n}, got {num_minibatches}")
+        total = n if total is None else total
+        if not 1 <= num_minibatches <= total:
+            raise ValueError(f"num_minibatches must be in [1, {total}] for a buffer of {total}, got {num_minibatches}")
         for _ in range(epochs):
-            order = torch.randperm(n, generator=generator)
+            order = torch.randperm(n, generator=generator) if permutation is None else permutation(total)
             for chunk in torch.tensor_split(order, num_minibatches):
+                if total != n:
+                    chunk = chunk[(chunk >= offset) & (chunk < offset + n)] - offset
                 yield data.index(chunk.to(data.input_ids.device))
 
     def save(self, path: str) -> None:

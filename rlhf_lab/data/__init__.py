@@ -22,6 +22,7 @@ _EXPORTS = {
         "loaders",
     ),
     **dict.fromkeys(["FORMATS", "STAGE_KINDS"], "formats"),
+    "GlobalBatchSampler": "sampler",
     "ResumableSampler": "sampler",
     **dict.fromkeys(["DataConfig", "check_stage_data", "load_data", "prompts_of"], "spec"),
 }

@@ -10,6 +10,8 @@ non-negative values acts as per-element weights.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from rlhf_lab.checks import check_same_shape
@@ -86,7 +88,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Normalise ``x`` to unit variance (and zero mean) using statistics of the masked positions.
 
@@ -94,6 +97,9 @@ def masked_whiten(
         y = (x - mu) / sqrt(var + eps)          (shift_mean=True)
         y = (x - mu) / sqrt(var + eps) + mu     (shift_mean=False: rescale only, keep the mean)
     and y = 0 outside the mask.
+    reduce: when `x` is one process's part of a batch spread over several, a function that sums
+        a tensor over the processes; mu and var are then the whole batch's (n, the sum and the
+        squared deviations are each summed over the processes). None: this `x` is the batch.
     Reference: advantage whitening as used by Ziegler et al. 2019, "Fine-Tuning Language Models
     from Human Preferences" (arXiv:1909.08593) and most PPO implementations.
 
@@ -102,8 +108,14 @@ def masked_whiten(
     check_same_shape("x", x, mask=mask)
     # Padding may hold inf; zero it first so neither forward nor backward sees it.
     x = torch.where(mask != 0, x, 0.0)
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if reduce is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
+    else:
+        n = reduce(_weights(x, mask).sum())
+        mean = reduce(masked_sum(x, mask)) / n.clamp_min(1)
+        squares = reduce(masked_sum((x - mean) ** 2, mask))
+        var = squares / torch.where(n > 1, n - 1, n.clamp_min(1))  # Bessel's correction, as masked_var
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -10,7 +10,7 @@ import torch
 
 from rlhf_lab.checks import check_ndim, check_positive, check_same_shape, check_tensor
 from rlhf_lab.losses.kl import kl_penalty
-from rlhf_lab.losses.masked import masked_mean
+from rlhf_lab.losses.masked import masked_mean, masked_sum
 
 __all__ = ["shape_rewards", "kl_loss", "online_objective"]
 
@@ -79,6 +79,7 @@ def kl_loss(
     ref_logprobs: torch.Tensor,
     response_mask: torch.Tensor,
     kl_estimator: str = "k3",
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The KL to the reference as a loss term: the token mean of a per-token estimator.
 
@@ -86,7 +87,8 @@ def kl_loss(
         ref_logprobs, kl_estimator) the per-token estimate of KL(pi || pi_ref) on the sampled
         tokens (k3 = exp(d) - d - 1 with d = log pi_ref - log pi in GRPO). Gradients flow through
         logprobs (the current policy); ref_logprobs is a constant. Weighted by beta in
-        online_objective.
+        online_objective. With `tokens` (the response-token count of the whole batch these rows
+        are a part of) the divisor is `tokens`, so the parts add up to the batch's mean.
     Reference: Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
     Open Language Models" (arXiv:2402.03300), eq. (3)-(4); estimators from Schulman 2020,
     "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
@@ -100,7 +102,8 @@ def kl_loss(
     # (the masked mean never reads them, so the value is unchanged).
     logprobs = torch.where(response_mask != 0, logprobs, 0.0)
     ref_logprobs = torch.where(response_mask != 0, ref_logprobs.detach(), 0.0)
-    value = masked_mean(kl_penalty(logprobs, ref_logprobs, kl_estimator), response_mask)
+    per_token = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+    value = masked_mean(per_token, response_mask) if tokens is None else masked_sum(per_token, response_mask) / tokens
     return value, {"kl_loss": value.detach()}
 
 

@@ -17,7 +17,7 @@ from rlhf_lab.checks import (
     check_same_shape,
     check_tensor,
 )
-from rlhf_lab.losses.masked import masked_mean
+from rlhf_lab.losses.masked import masked_mean, masked_sum
 
 __all__ = [
     "RATIO_LEVELS",
@@ -51,15 +51,24 @@ RATIO_LEVELS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = 
 # --- aggregation: per-token loss (B, T) -> scalar ---------------------------------------------
 
 
-def _aggregate_token_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _aggregate_token_mean(x: torch.Tensor, mask: torch.Tensor, counts=None) -> torch.Tensor:
+    if counts is not None:  # a part of a larger batch: its share of the batch's token mean
+        return masked_sum(x, mask) / counts[0]
     return masked_mean(x, mask)
 
 
-def _aggregate_seq_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _aggregate_seq_mean(x: torch.Tensor, mask: torch.Tensor, counts=None) -> torch.Tensor:
     per_seq = masked_mean(x, mask, dim=-1)
     # Rows without response tokens would add a spurious 0 to the average; leave them out.
     has_tokens = (mask != 0).any(dim=-1)
+    if counts is not None:  # a part of a larger batch: its share of the batch's sequence mean
+        return masked_sum(per_seq, has_tokens) / counts[1]
     return masked_mean(per_seq, has_tokens)
+
+
+def _token_mean(x: torch.Tensor, mask: torch.Tensor, tokens=None) -> torch.Tensor:
+    """masked_mean, or with `tokens` (the token count of the whole batch) this part's share of it."""
+    return masked_mean(x, mask) if tokens is None else masked_sum(x, mask) / tokens
 
 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -93,6 +102,7 @@ def ppo_policy_loss(
     clip_ratio: float | None = 0.2,
     ratio_level: str = "token",
     aggregation: str = "token_mean",
+    counts: tuple[float, float] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped surrogate policy loss of PPO (and its GSPO / unclipped variants).
 
@@ -109,6 +119,10 @@ def ppo_policy_loss(
     branch is the active one, -A clip(r) > -A r; approx_kl = masked mean of (r - 1) - log r with
     the per-token r (Schulman's k3 estimator of KL(pi_old || pi), >= 0); ratio = masked mean of
     the r used in the loss.
+    counts = (N_tok, N_seq): these rows are a part (a micro-batch, one rank's share) of a batch
+        with N_tok response tokens and N_seq non-empty rows. The sums above are then divided by
+        those counts instead of this part's own, so the parts' losses and metrics add up to the
+        whole batch's, however it was split (DAPO's token mean over the global batch).
     advantages and old_logprobs are treated as constants (detached).
     Reference: Schulman et al. 2017, "Proximal Policy Optimization Algorithms"
     (arXiv:1707.06347); sequence-level ratio from Zheng et al. 2025, "Group Sequence Policy
@@ -141,15 +155,16 @@ def ppo_policy_loss(
     ratio = torch.exp(RATIO_LEVELS[ratio_level](token_log_ratio, response_mask))
     surrogate = _unclipped_surrogate if clip_ratio is None else _clipped_surrogate
     per_token, clipped = surrogate(ratio, advantages, clip_ratio)
-    loss = AGGREGATIONS[aggregation](per_token, response_mask)
+    loss = AGGREGATIONS[aggregation](per_token, response_mask, counts)
 
+    tokens = None if counts is None else counts[0]
     with torch.no_grad():
         lr = token_log_ratio.detach()
         metrics = {
             "policy_loss": loss.detach(),
-            "clipfrac": masked_mean(clipped.to(logprobs.dtype), response_mask),
-            "approx_kl": masked_mean(torch.expm1(lr) - lr, response_mask),
-            "ratio": masked_mean(ratio.detach(), response_mask),
+            "clipfrac": _token_mean(clipped.to(logprobs.dtype), response_mask, tokens),
+            "approx_kl": _token_mean(torch.expm1(lr) - lr, response_mask, tokens),
+            "ratio": _token_mean(ratio.detach(), response_mask, tokens),
         }
     return loss, metrics
 
@@ -178,6 +193,7 @@ def ppo_value_loss(
     returns: torch.Tensor,
     response_mask: torch.Tensor,
     clip_value: float | None = 0.2,
+    tokens: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped squared-error value loss of PPO.
 
@@ -186,7 +202,8 @@ def ppo_value_loss(
         loss = 1/2 * masked_mean( (V - R)^2 )                    (clip_value None)
     Metrics (detached): value_loss; value_clipfrac = masked fraction of tokens where the clipped
     term is the larger one, (V_clip - R)^2 > (V - R)^2.
-    old_values and returns are treated as constants (detached).
+    old_values and returns are treated as constants (detached). tokens: the response-token count
+    of the whole batch these rows are a part of (the mean's divisor; see ppo_policy_loss).
     Reference: value clipping of the PPO reference implementation (OpenAI baselines ppo2),
     Schulman et al. 2017, "Proximal Policy Optimization Algorithms" (arXiv:1707.06347); analysed
     in Engstrom et al. 2020, "Implementation Matters in Deep Policy Gradients"
@@ -204,21 +221,22 @@ def ppo_value_loss(
 
     error = _unclipped_value_error if clip_value is None else _clipped_value_error
     per_token, clipped_active = error(values, old_values.detach(), returns.detach(), clip_value)
-    loss = 0.5 * masked_mean(per_token, response_mask)
+    loss = 0.5 * _token_mean(per_token, response_mask, tokens)
     metrics = {
         "value_loss": loss.detach(),
-        "value_clipfrac": masked_mean(clipped_active.to(values.dtype), response_mask).detach(),
+        "value_clipfrac": _token_mean(clipped_active.to(values.dtype), response_mask, tokens).detach(),
     }
     return loss, metrics
 
 
 def entropy_bonus(
-    entropy: torch.Tensor, response_mask: torch.Tensor
+    entropy: torch.Tensor, response_mask: torch.Tensor, tokens: float | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean policy entropy over the response tokens (a bonus: subtract coef * value from the loss).
 
     Formula: H = sum_{b,t} m_{b,t} H_{b,t} / sum_{b,t} m_{b,t}, with H_{b,t} the entropy of the
-        next-token distribution at position t.
+        next-token distribution at position t; with `tokens` (the response-token count of the
+        whole batch these rows are a part of) the divisor is `tokens` (see ppo_policy_loss).
     Reference: entropy regularisation of Williams & Peng 1991, "Function Optimization using
     Connectionist Reinforcement Learning Algorithms" (Connection Science 3); Mnih et al. 2016,
     "Asynchronous Methods for Deep Reinforcement Learning" (arXiv:1602.01783).
@@ -227,5 +245,5 @@ def entropy_bonus(
     """
     check_ndim("entropy", entropy, 2, "(B, T)")
     check_same_shape("entropy", entropy, response_mask=response_mask)
-    value = masked_mean(entropy, response_mask)
+    value = _token_mean(entropy, response_mask, tokens)
     return value, {"entropy": value.detach()}

@@ -14,6 +14,7 @@ policy, a stage or an evaluation any other way.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -30,6 +31,7 @@ from rlhf_lab.runs.checkpoint import (
     CheckpointConfig,
     check_finished,
     checkpoint_callbacks,
+    find_checkpoint,
     prepare_run_folder,
     read_complete,
     rng_state,
@@ -37,7 +39,13 @@ from rlhf_lab.runs.checkpoint import (
     write_complete,
     write_json,
 )
-from rlhf_lab.runs.loggers import LoggerConfig, finish_loggers, make_trainer, plain_config
+from rlhf_lab.runs.loggers import (
+    LoggerConfig,
+    finish_loggers,
+    make_trainer,
+    new_trainer,
+    plain_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -108,20 +116,169 @@ class EvalConfig:
 
 @dataclass
 class TrainerConfig:
-    """Lightning Trainer settings; online stages count every optimiser step of an iteration."""
+    """Lightning Trainer settings; online stages count every optimiser step of an iteration.
+
+    Besides these fields the section takes any other argument of `lightning.Trainer`
+    (`accumulate_grad_batches`, `gradient_clip_val`, `num_nodes`, `profiler`, ...): in YAML and on
+    the command line as `trainer.KEY`, in Python as `options={KEY: value}`. They are checked
+    against the installed Lightning's Trainer (an unknown key is refused, naming the closest ones)
+    and passed to it as they are; the arguments the builder sets itself (`TRAINER_OWNED`) are refused.
+    """
 
     max_steps: int = 100  # optimiser steps (online_rl: iterations x ppo_epochs x minibatches)
     accelerator: str = "cpu"  # cpu | gpu | auto
     devices: Any = 1  # number of devices, or "auto"
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
-    strategy: str = "auto"  # auto | ddp | ...
+    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | ...
     val_check_interval: int | None = None  # optimiser steps between val passes; None = once per epoch
     log_every_n_steps: int = 1
     enable_progress_bar: bool = True
     on_nonfinite: str = "skip"  # skip the update and count it in train/skipped_steps | stop: fail naming the step
+    # any other lightning.Trainer argument, e.g. {accumulate_grad_batches: 2} (YAML: trainer.KEY)
+    options: dict = field(default_factory=dict, metadata={"flatten": True})
 
     def __post_init__(self):
         check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
+        if self.options:
+            check_trainer_options(self.options)
+
+    def trainer_kwargs(self) -> dict:
+        """The `lightning.Trainer` arguments of this section (all but `on_nonfinite`); the builder
+        turns `val_check_interval` from optimiser steps into batches (× accumulate_grad_batches)."""
+        kwargs = dict(accelerator=self.accelerator, devices=self.devices, precision=self.precision,
+                      strategy=self.strategy, log_every_n_steps=self.log_every_n_steps,
+                      enable_progress_bar=self.enable_progress_bar)
+        if self.val_check_interval:
+            accumulate = self.options.get("accumulate_grad_batches", 1)
+            kwargs.update(val_check_interval=self.val_check_interval * accumulate, check_val_every_n_epoch=None)
+        return {**kwargs, **self.options}
+
+
+# Trainer arguments the builder sets itself, with the reason a config may not give them.
+TRAINER_OWNED = {
+    "logger": "the logger section chooses the loggers (logger.kind: csv, wandb, both, none)",
+    "callbacks": "the builder adds the run's callbacks (checkpoints, evaluation, the non-finite guard); "
+                 "a script passes more as build_run(callbacks=...)",
+    "enable_checkpointing": "checkpoint.every_n_steps sets it (0 = no checkpoints)",
+    "default_root_dir": "the run folder is <out>/<stage>: set out",
+    "plugins": "the builder sets the checkpoint I/O plugin; precision comes from trainer.precision and "
+               "the cluster environment (SLURM, torchrun) is detected by Lightning",
+    "use_distributed_sampler": "the stages split one global batch order across ranks themselves",
+}
+# Stages whose LightningModule optimises manually (`automatic_optimization = False`): Lightning
+# refuses its own gradient clipping and accumulation there. `build_run` also checks the module.
+MANUAL_OPTIMIZATION_STAGES = ("online_rl",)
+_MANUAL_INSTEAD = {
+    "gradient_clip_val": "clip with config.max_grad_norm (the global gradient norm of every update)",
+    "gradient_clip_algorithm": "config.max_grad_norm clips by the global norm",
+    "accumulate_grad_batches": "bound memory with config.micro_batch_size (an iteration's batch in chunks, "
+                               "gradients accumulated within each update)",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _trainer_parameters() -> tuple[dict, dict]:
+    """`({name: default}, {name: type hint})` of the installed `lightning.Trainer.__init__`."""
+    import inspect
+    import typing
+
+    from lightning.pytorch import Trainer
+
+    params = {n: p.default for n, p in inspect.signature(Trainer.__init__).parameters.items()
+              if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    try:
+        hints = typing.get_type_hints(Trainer.__init__)
+    except Exception:  # an annotation this Python cannot evaluate: Lightning checks the values itself
+        hints = {}
+    return params, {n: h for n, h in hints.items() if n in params}
+
+
+def _hint_accepts(value, hint) -> bool:
+    """Whether `value` (a YAML value, or an object from Python) fits the Trainer's annotation `hint`."""
+    import collections.abc
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_hint_accepts(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple, collections.abc.Iterable, collections.abc.Sequence):
+        return isinstance(value, (list, tuple))
+    if origin is dict:
+        return isinstance(value, dict)
+    if isinstance(hint, type):
+        return isinstance(value, hint)
+    return True  # a form of annotation not checked here: Lightning checks it
+
+
+def _hint_text(hint) -> str:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_hint_text(a) for a in args)
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if hint is type(None):
+        return "null"
+    if origin is not None:
+        return getattr(origin, "__name__", str(origin))
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_trainer_options(options: dict) -> None:
+    """Refuse, in one line naming the key, an option of `TrainerConfig.options` that is one of our
+    own fields, an argument the builder sets (`TRAINER_OWNED`), not an argument of the installed
+    `lightning.Trainer` (with the closest names), or a value its annotation does not take."""
+    import difflib
+
+    from rlhf_lab.config import ConfigError
+
+    ours = [f.name for f in dataclasses.fields(TrainerConfig) if f.name != "options"]
+    params, hints = _trainer_parameters()
+    for key, value in options.items():
+        if key in ours:
+            raise ConfigError(f"trainer.options: {key} is a field of the trainer section; set trainer.{key}")
+        if key in TRAINER_OWNED:
+            raise ConfigError(f"trainer.{key} cannot be set: {TRAINER_OWNED[key]}")
+        if key not in params:
+            close = difflib.get_close_matches(str(key), list(dict.fromkeys([*ours, *params])), n=3, cutoff=0.7)
+            hint = f"; did you mean {' or '.join(close)}?" if close else " (see docs/cli.md, trainer section)"
+            raise ConfigError(f"unknown key(s) trainer.{key}: neither a trainer setting of ours nor an argument of "
+                              f"lightning.Trainer{hint}")
+        if key in hints and not _hint_accepts(value, hints[key]):
+            raise ConfigError(f"trainer.{key}: lightning.Trainer takes {_hint_text(hints[key])}, got {value!r}")
+    accumulate = options.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ConfigError(f"trainer.accumulate_grad_batches must be an integer >= 1, got {accumulate!r}")
+    if options.get("gradient_clip_algorithm") is not None and not options.get("gradient_clip_val"):
+        raise ConfigError("trainer.gradient_clip_algorithm has no effect without trainer.gradient_clip_val")
+
+
+def check_manual_optimization(name: str, options: dict) -> None:
+    """Refuse Trainer options that a manually optimising stage cannot use, saying what to use instead."""
+    from rlhf_lab.config import ConfigError
+
+    set_ = {"gradient_clip_val": bool(options.get("gradient_clip_val")),
+            "gradient_clip_algorithm": options.get("gradient_clip_algorithm") is not None,
+            "accumulate_grad_batches": options.get("accumulate_grad_batches", 1) != 1}
+    for key, given in set_.items():
+        if given:
+            raise ConfigError(f"trainer.{key} does not apply to '{name}': its stage optimises manually "
+                              f"(several updates per iteration); {_MANUAL_INSTEAD[key]}")
 
 
 @dataclass
@@ -183,6 +340,11 @@ class FitConfig:
             check_stage_data(self.stage_name, self.data)
         if self.budget is not None and self.stage_name not in ("online_rl", "online_dpo"):
             raise ValueError(f"budget applies to the online stages, not to '{self.stage}' (use trainer.max_steps)")
+        if self.stage_name in MANUAL_OPTIMIZATION_STAGES:
+            check_manual_optimization(self.stage, self.trainer.options)
+        if getattr(self.config, "update", None) == "trpo" and self.trainer.precision.startswith("16"):
+            raise ValueError(f"trainer.precision {self.trainer.precision} does not apply to update 'trpo': its "
+                             "natural-gradient step runs outside fp16 loss scaling; use bf16-mixed or 32-true")
 
     @property
     def stage_name(self) -> str:
@@ -256,7 +418,12 @@ def build_policy(model: ModelConfig, tokenizer_texts: list[str] | None = None, s
 
     `expect="policy"` refuses a reward model's checkpoint (None: the reward-model stage, which may
     start from either); a near miss of a named backbone ("gpt2-tiy") is refused with the closest names."""
-    from rlhf_lab.models.backbones import backbone_names, build_tiny_model, check_backbone_name, load_backbone
+    from rlhf_lab.models.backbones import (
+        backbone_names,
+        build_tiny_model,
+        check_backbone_name,
+        load_backbone,
+    )
     from rlhf_lab.models.tokenizer import load_tokenizer, train_bpe_tokenizer
     from rlhf_lab.policy import Policy
 
@@ -436,9 +603,20 @@ class Run:
 
 END_RNG_FILE = "end_rng.pt"
 
-# Keys that may differ between a run and its resumption: how it is logged and saved, not what it trains.
+
+def _launch_rank() -> int:
+    """This process's global rank as its launcher set it (Lightning's subprocess launcher,
+    torchrun, SLURM), known before the Trainer exists; 0 for a one-process run."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return int(getattr(rank_zero_only, "rank", 0) or 0)
+
+# Keys that may differ between a run and its resumption: how it is logged, saved, watched and bounded,
+# not what it trains. Any other Trainer option (accumulate_grad_batches, gradient_clip_val, precision,
+# devices, strategy, deterministic, ...) changes the numbers, so it must stay as the run started.
 RESUMABLE_CHANGES = ("out", "trainer.enable_progress_bar", "trainer.max_steps", "trainer.on_nonfinite", "logger.",
-                     "checkpoint.")
+                     "checkpoint.", "trainer.profiler", "trainer.enable_model_summary", "trainer.detect_anomaly",
+                     "trainer.max_time", "trainer.max_epochs")
 
 
 def _flat(d: Any, prefix: str = "") -> dict:
@@ -495,7 +673,11 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
 
     c, stage = config, config.stage_name
     out_dir = out_dir or os.path.join(c.out, c.stage)
-    mode, ckpt_path = prepare_run_folder(out_dir, resume=resume, overwrite=overwrite)
+    _check_trainer(c.trainer)
+    if _launch_rank() == 0:
+        mode, ckpt_path = prepare_run_folder(out_dir, resume=resume, overwrite=overwrite)
+    else:  # another process of a multi-process run: rank 0 owns the folder, this one only reads it
+        mode, ckpt_path = "new", find_checkpoint(out_dir) if resume else None
     if mode == "finished":
         return _finished_run(c, out_dir)
     if reseed:
@@ -575,6 +757,8 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
         module = stage_class(policy, prompts, reward_fn, c.config, gold_fn=gold_fn)
     else:  # Pretrain, SFT, RewardModel, DPO: (policy, train rows, val rows, config)
         module = stage_class(policy, train, val or None, c.config)
+    if not module.automatic_optimization:  # Lightning's clipping and accumulation do not apply
+        check_manual_optimization(c.stage, c.trainer.options)
 
     # The evaluation: the one EvalCallback, for every stage but the reward model's.
     callbacks = list(callbacks or [])
@@ -610,27 +794,39 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
 
     if ckpt_path is not None:
         _check_same_config(out_dir, resolved)
-    os.makedirs(out_dir, exist_ok=True)
-    tmp = os.path.join(out_dir, f"config.yaml.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(dump_yaml(resolved))
-    os.replace(tmp, os.path.join(out_dir, "config.yaml"))
+    if _launch_rank() == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        tmp = os.path.join(out_dir, f"config.yaml.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(dump_yaml(resolved))
+        os.replace(tmp, os.path.join(out_dir, "config.yaml"))
     # Checkpoints: RunState goes first, so it writes a checkpoint before the others log the next step.
     state_callbacks, checkpoint_io = checkpoint_callbacks(out_dir, c.checkpoint)
     callbacks = [*state_callbacks[:1], *callbacks, *state_callbacks[1:]]
-    t = c.trainer
-    val_kw = dict(val_check_interval=t.val_check_interval, check_val_every_n_epoch=None) \
-        if t.val_check_interval else {}
+    # The trainer section as it is (any Trainer argument), then what the builder owns.
     trainer = make_trainer(os.path.dirname(out_dir), os.path.basename(out_dir), max_steps, logger=c.logger,
                            run_id=_wandb_id(out_dir) if c.logger.kind in ("wandb", "both") else None,
                            run_config=run_config if run_config is not None else resolved, callbacks=callbacks,
-                           accelerator=t.accelerator, devices=t.devices, precision=t.precision,
-                           strategy=t.strategy, log_every_n_steps=t.log_every_n_steps,
-                           enable_progress_bar=t.enable_progress_bar, plugins=[checkpoint_io],
-                           enable_checkpointing=bool(c.checkpoint.every_n_steps), **val_kw)
+                           **c.trainer.trainer_kwargs(), plugins=[checkpoint_io],
+                           enable_checkpointing=bool(c.checkpoint.every_n_steps))
     return Run(config=c, policy=policy, stage=module, trainer=trainer, evaluator=evaluator, reward_fn=reward_fn,
                gold_fn=gold_fn, train_rows=train, val_rows=val, out_dir=out_dir, resolved=resolved,
                ckpt_path=ckpt_path)
+
+
+def _check_trainer(t: TrainerConfig) -> None:
+    """Let Lightning refuse a trainer section it cannot run (a strategy on this machine, a precision)
+    before any file is touched: a bare Trainer of the same arguments costs milliseconds and draws no
+    random number. Its start-up lines are silenced; the run's own Trainer prints them."""
+    names = ("lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    try:
+        for name in names:
+            logging.getLogger(name).setLevel(max(levels[name], logging.WARNING))
+        new_trainer(**t.trainer_kwargs(), logger=False, enable_checkpointing=False, max_steps=t.max_steps)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
 
 
 def _wandb_id(out_dir: str) -> str:

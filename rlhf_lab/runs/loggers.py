@@ -18,8 +18,8 @@ from typing import Any
 
 from rlhf_lab.checks import check_choice
 
-__all__ = ["LoggerConfig", "RunCSVLogger", "build_loggers", "finish_loggers", "make_trainer", "plain_config",
-           "quiet_libraries"]
+__all__ = ["LoggerConfig", "RunCSVLogger", "build_loggers", "finish_loggers", "make_trainer", "new_trainer",
+           "plain_config", "quiet_libraries"]
 
 LOGGER_KINDS = ("csv", "wandb", "both", "none")
 
@@ -43,9 +43,19 @@ class LoggerConfig:
 
 
 def plain_config(value: Any) -> Any:
-    """Dataclasses, tuples and nested containers as plain dicts/lists/scalars (for YAML and wandb)."""
+    """Dataclasses, tuples and nested containers as plain dicts/lists/scalars (for YAML and wandb).
+
+    The items of a dataclass field marked `metadata={"flatten": True}` (`TrainerConfig.options`)
+    stand beside the other fields, as they were given (`rlhf_lab.config.build` reads them back there).
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain_config(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        out: dict = {}
+        for f in dataclasses.fields(value):
+            if f.metadata.get("flatten"):
+                out.update(plain_config(getattr(value, f.name)) or {})
+            else:
+                out[f.name] = plain_config(getattr(value, f.name))
+        return out
     if isinstance(value, dict):
         return {str(k): plain_config(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -164,16 +174,34 @@ def make_trainer(out: str, stage: str, max_steps: int, logger: LoggerConfig | st
 
     Defaults: logging every step, no Lightning checkpoints (`build_run` adds them, see
     `rlhf_lab.runs.checkpoint`), no sanity validation, one CPU device; any Trainer argument in
-    `kwargs` overrides them. `run_id`: the wandb run id (see `build_loggers`).
+    `kwargs` overrides them. `run_id`: the wandb run id (see `build_loggers`). A value Lightning
+    refuses is a `ConfigError` (see `new_trainer`).
     """
-    import lightning as L
-
     loggers = build_loggers(logger, out, stage, run_config, run_id=run_id)
     defaults = dict(max_steps=max_steps, max_epochs=-1, logger=loggers or False, enable_checkpointing=False,
                     enable_model_summary=False, log_every_n_steps=1, accelerator="cpu", devices=1,
-                    num_sanity_val_steps=0, default_root_dir=out)
+                    # The run's own folder: what Lightning writes there (a SLURM requeue checkpoint, which
+                    # a later fit without ckpt_path would load) never reaches another stage's run.
+                    num_sanity_val_steps=0, default_root_dir=os.path.join(out, stage),
+                    use_distributed_sampler=False)  # the stages shard global batches themselves
     defaults.update(kwargs)
-    return L.Trainer(**defaults)
+    return new_trainer(**defaults)
+
+
+def new_trainer(**kwargs):
+    """`lightning.Trainer(**kwargs)`; a value Lightning refuses (a strategy it does not know or
+    cannot run here, a precision, deepspeed not installed) is a `ConfigError` naming the trainer
+    section, in one line, instead of a traceback."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    try:
+        return L.Trainer(**kwargs)
+    except (ValueError, MisconfigurationException) as e:
+        from rlhf_lab.errors import ConfigError
+
+        message = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        raise ConfigError(f"trainer: lightning.Trainer refused it: {message}") from e
 
 
 def quiet_libraries() -> None:

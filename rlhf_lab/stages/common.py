@@ -9,9 +9,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
-from rlhf_lab.data.sampler import ResumableSampler
+from rlhf_lab.data.sampler import GlobalBatchSampler
+from rlhf_lab.distributed import all_sum, collective_device, world_size
 
-__all__ = ["Budget", "ResumableStage", "SavePolicy", "adamw", "check_fits_positions"]
+__all__ = ["Budget", "EpochMeans", "ResumableStage", "SavePolicy", "StepBudget", "adamw", "check_fits_positions",
+           "global_mean", "global_means"]
 
 
 def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):
@@ -33,6 +35,58 @@ def check_fits_positions(policy, field: str, length: int) -> None:
                          f"in its config, or a shorter {field})")
 
 
+def global_mean(loss: torch.Tensor, n) -> tuple[torch.Tensor, torch.Tensor]:
+    """For `loss`, a mean over this rank's `n` items (rows, pairs or tokens): the loss to
+    backpropagate and the mean over every rank's items, to log.
+
+    DDP averages gradients over the W ranks, so rank r backpropagates loss_r · n_r · W / N
+    (N = Σ n_r): the update is the gradient of Σ_r loss_r · n_r / N, the mean over the global
+    batch, however unevenly it is split. On one process both are `loss` itself.
+    """
+    w = world_size()
+    if w == 1:
+        return loss, loss.detach()
+    n_local = torch.as_tensor(n, dtype=torch.float64, device=loss.device)
+    n_global = all_sum(n_local)
+    scale = (n_local * w / n_global).to(loss.dtype)
+    return loss * scale, (all_sum(loss.detach().double() * n_local) / n_global).to(loss.dtype)
+
+
+def global_means(values: dict[str, torch.Tensor | float], n) -> dict[str, float]:
+    """Means over the global batch of per-rank means over `n` items (one all-reduce); on one
+    process the values themselves."""
+    if world_size() == 1:
+        return {k: float(v) for k, v in values.items()}
+    keys = list(values)
+    local = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64)
+    n_local = torch.tensor([float(n)], dtype=torch.float64)
+    sums = all_sum(torch.cat([local * n_local, n_local]).to(collective_device())).cpu().tolist()
+    return {k: sums[i] / sums[-1] if sums[-1] else 0.0 for i, k in enumerate(keys)}
+
+
+class EpochMeans:
+    """n-weighted sums of metric values over an epoch's batches, for exact means over the whole
+    epoch on every rank (a short last batch weighs what its rows weigh, not a full batch's)."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0.0
+
+    def add(self, values: dict[str, torch.Tensor | float], n) -> None:
+        for key, value in values.items():
+            self.sums[key] = self.sums.get(key, 0.0) + float(value) * float(n)
+        self.n += float(n)
+
+    def means(self) -> dict[str, float]:
+        """Means over every rank's rows (one all-reduce; every rank calls it); {} if no row."""
+        keys = sorted(self.sums)
+        totals = all_sum(torch.tensor([*(self.sums[k] for k in keys), self.n], dtype=torch.float64)
+                         .to(collective_device())).cpu().tolist()
+        if totals[-1] == 0:
+            return {}
+        return {k: totals[i] / totals[-1] for i, k in enumerate(keys)}
+
+
 class Budget:
     """Counters for the budget axes logged beside every metric (`budget/*` in DESIGN.md)."""
 
@@ -42,6 +96,19 @@ class Budget:
         self.generated_tokens = 0
         self.reward_calls = 0
         self.optimizer_steps = 0
+
+    def count(self, **increments: float) -> dict[str, int]:
+        """Add this rank's `samples`, `generated_tokens`, `reward_calls`: the counters are global
+        sums over every rank (one all-reduce; a collective, so every rank calls it). Returns the
+        global increments."""
+        keys = list(increments)
+        if world_size() > 1:
+            local = torch.tensor([float(increments[k]) for k in keys], dtype=torch.float64)
+            totals = all_sum(local.to(collective_device())).cpu().tolist()
+            increments = {k: int(round(v)) for k, v in zip(keys, totals, strict=True)}
+        for key, value in increments.items():
+            setattr(self, key, getattr(self, key) + int(value))
+        return {k: int(v) for k, v in increments.items()}
 
     def state_dict(self) -> dict:
         return {"samples": self.samples, "generated_tokens": self.generated_tokens,
@@ -68,7 +135,7 @@ class ResumableStage:
 
     Mixed into each stage's LightningModule (call `_init_resumable()` in `__init__`, after the
     seeded builder has drawn everything before). The training loader shuffles with a
-    `ResumableSampler` seeded once from the global random stream, so the data order does not
+    `GlobalBatchSampler` seeded once from the global random stream, so the data order does not
     depend on what else draws from that stream, and a resumed run starts after the batches its
     checkpoint had done (`resume_data_position`, called by `rlhf_lab.runs.checkpoint.RunState`).
     `stage_state` / `load_stage_state` hold the rest: the budget counters here; stages extend them.
@@ -79,18 +146,27 @@ class ResumableStage:
         self._resume_at: tuple[int, int] | None = None
 
     def make_loader(self, data, batch_size: int, shuffle: bool, collate_fn, drop_last: bool = False) -> DataLoader:
-        """A DataLoader that draws nothing from the global random stream (its own generator)."""
+        """A DataLoader of this rank's share of global batches of `batch_size` rows
+        (`GlobalBatchSampler`), drawing nothing from the global random stream (its own generator).
+
+        Training loaders (`shuffle=True`) keep every rank in every step; evaluation loaders keep
+        every row. A one-process run takes the same batches as a plain `DataLoader`.
+        """
         generator = torch.Generator().manual_seed(self.data_seed)
-        if not shuffle:
-            return DataLoader(data, batch_size=batch_size, collate_fn=collate_fn, drop_last=drop_last,
-                              generator=generator)
-        sampler = ResumableSampler(len(data), self.data_seed)
-        if self._resume_at is not None:
-            epoch, batches = self._resume_at
-            sampler.skip(epoch, batches * batch_size)
+        rank, world = self.rank_and_world()
+        sampler = GlobalBatchSampler(len(data), batch_size, self.data_seed, shuffle=shuffle, drop_last=drop_last,
+                                     rank=rank, world_size=world, even=shuffle)
+        if shuffle and self._resume_at is not None:
+            sampler.skip(*self._resume_at)
             self._resume_at = None
-        return DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate_fn,
-                          drop_last=drop_last, generator=generator)
+        return DataLoader(data, batch_sampler=sampler, collate_fn=collate_fn, generator=generator)
+
+    def rank_and_world(self) -> tuple[int, int]:
+        """(global rank, world size) of the run this stage trains in; (0, 1) outside a Trainer."""
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return 0, 1
+        return trainer.global_rank, trainer.world_size
 
     def resume_data_position(self, epoch: int, batches_done: int) -> None:
         """The next training loader starts epoch `epoch` after its first `batches_done` batches."""
@@ -108,6 +184,18 @@ class ResumableStage:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.load_stage_state(checkpoint["stage_state"])
+
+
+class StepBudget:
+    """For the automatically optimised stages (mixed in before `LightningModule`): the budget
+    counts optimiser steps, not batches (`trainer.accumulate_grad_batches` makes several batches
+    one step), and its row is logged after each batch, once that batch's step is counted."""
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self.budget.optimizer_steps += 1
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        self.log_dict(self.budget.metrics())
 
 
 class SavePolicy(Callback):

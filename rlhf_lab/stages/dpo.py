@@ -21,10 +21,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from rlhf_lab.checks import check_choice, check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
+from rlhf_lab.distributed import all_sum, collective_device
 from rlhf_lab.losses import DPO_LOSSES, kl_k1, preference_loss
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards.checks import check_scores
-from rlhf_lab.stages.common import Budget, ResumableStage, adamw, check_fits_positions
+from rlhf_lab.stages.common import (
+    Budget,
+    EpochMeans,
+    ResumableStage,
+    StepBudget,
+    adamw,
+    check_fits_positions,
+    global_mean,
+    global_means,
+)
 
 REFERENCE_FREE = ("simpo",)
 
@@ -126,15 +136,21 @@ class _PreferenceStep:
                                rejected_lengths=len_r, beta=c.beta, label_smoothing=c.label_smoothing,
                                gamma=c.gamma, nll_coef=c.nll_coef)
 
-    def _log_preference(self, split: str, loss: torch.Tensor, metrics: dict, n: int) -> None:
-        self.log(f"{split}/loss", loss, prog_bar=True, batch_size=n)
-        for key in ("rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"):
-            self.log(f"{split}/{key}", metrics[key], prog_bar=key == "reward_accuracy", batch_size=n)
-        if "nll" in metrics:  # nll_coef > 0: the chosen responses' per-token NLL (RPO)
-            self.log(f"{split}/nll", metrics["nll"], batch_size=n)
+    def _preference_metrics(self, loss, metrics: dict | None) -> dict:
+        """The logged values of one batch: loss and implicit-reward metrics (zeros when `metrics`
+        is None: a rank without pairs, weighted 0 in the global means)."""
+        keys = ["rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy"]
+        if self.config.nll_coef > 0:  # the chosen responses' per-token NLL (RPO)
+            keys.append("nll")
+        return {"loss": loss, **{k: 0.0 if metrics is None else metrics[k] for k in keys}}
+
+    def _log_preference(self, split: str, values: dict) -> None:
+        """Log global means (`global_means` / `EpochMeans`): no per-rank numbers, no sync_dist."""
+        for key, value in values.items():
+            self.log(f"{split}/{key}", value, prog_bar=key in ("loss", "reward_accuracy"))
 
 
-class DPO(_PreferenceStep, ResumableStage, L.LightningModule):
+class DPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
     """Offline DPO (and variants) on `prompt`/`chosen`/`rejected` rows."""
 
     config_class = DPOConfig
@@ -185,15 +201,20 @@ class DPO(_PreferenceStep, ResumableStage, L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, metrics = self._dpo_loss(batch, self._reference(batch, "train"))
         n = batch["index"].shape[0]
-        self.budget.samples += n
-        self.budget.optimizer_steps += 1
-        self._log_preference("train", loss, metrics, n)
-        self.log_dict(self.budget.metrics())
+        loss, logged = global_mean(loss, n)  # the mean over the global batch's pairs
+        self._log_preference("train", global_means(self._preference_metrics(logged, metrics), n))
+        self.budget.count(samples=n)
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = EpochMeans()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, metrics = self._dpo_loss(batch, self._reference(batch, "val"))
-        self._log_preference("val", loss, metrics, batch["index"].shape[0])
+        self._val.add(self._preference_metrics(loss, metrics), batch["index"].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_preference("val", self._val.means())
 
     def configure_optimizers(self):
         c = self.config
@@ -208,7 +229,7 @@ class DPO(_PreferenceStep, ResumableStage, L.LightningModule):
         return self.make_loader(self.val_data, self.config.batch_size, False, self._collate)
 
 
-class OnlineDPO(_PreferenceStep, ResumableStage, L.LightningModule):
+class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
     """Online DPO: each iteration samples two responses per prompt and ranks them with `reward_fn`.
 
     Pairs whose two responses score the same are skipped (counted in `train/skipped_pairs`).
@@ -248,8 +269,8 @@ class OnlineDPO(_PreferenceStep, ResumableStage, L.LightningModule):
         n = len(rollout)
         scores = check_scores(self.reward_fn(rollout.prompts, rollout.completions), n, self.reward_fn,
                               rollout.prompts, device=rollout.input_ids.device).view(-1, 2)
-        self.budget.reward_calls += len(rollout)
-        self.budget.generated_tokens += int(rollout.response_mask.sum())
+        self.budget.count(reward_calls=len(rollout), generated_tokens=int(rollout.response_mask.sum()),
+                          samples=len(rollout))
         mask = rollout.response_mask.float()
         stats = {"reward": float(scores.mean()), "response_length": float(mask.sum(1).mean())}
         if policy.has_reference:
@@ -260,6 +281,7 @@ class OnlineDPO(_PreferenceStep, ResumableStage, L.LightningModule):
             gold = check_scores(self.gold_fn(rollout.prompts, rollout.completions), n, self.gold_fn,
                                 rollout.prompts, what="gold reward")
             stats["gold_reward"] = float(gold.mean())
+        stats = global_means(stats, n)  # means over every rank's samples
         keep = scores[:, 0] != scores[:, 1]
         stats["skipped_pairs"] = float((~keep).sum())
         if not keep.any():
@@ -278,28 +300,34 @@ class OnlineDPO(_PreferenceStep, ResumableStage, L.LightningModule):
     def training_step(self, prompts: list[str], batch_idx: int) -> torch.Tensor | None:
         batch, stats = self.make_pairs(prompts)
         n_pairs = 0 if batch is None else batch["input_ids"].shape[0] // 2
-        self.budget.samples += 2 * len(prompts)
+        # Pairs and tied pairs of every rank; the update is the mean over the global batch's pairs.
+        local = torch.tensor([float(n_pairs), stats["skipped_pairs"]], dtype=torch.float64)
+        total_pairs, skipped = (int(v) for v in all_sum(local.to(collective_device())).cpu().tolist())
+        stats["skipped_pairs"] = float(skipped)
         metrics = {f"train/{k}": v for k, v in stats.items()}
-        if batch is None:
-            self._log_sampling({**metrics, **self.budget.metrics()}, batch_size=1)
+        if total_pairs == 0:
+            self._log_sampling(metrics)
             self.history.append({"iteration": len(self.history) + 1, **metrics})
-            return None  # nothing to learn from: every pair tied
-        ref = None
-        if self.config.variant not in REFERENCE_FREE:
-            ref_logps, _ = sequence_logprobs(self.policy, batch, reference=True)
-            ref = ref_logps.chunk(2)
-        loss, m = self._dpo_loss(batch, ref)
-        self.budget.optimizer_steps += 1
-        self._log_preference("train", loss, m, n_pairs)
-        self._log_sampling({**metrics, **self.budget.metrics()}, batch_size=n_pairs)
-        self.history.append({"iteration": len(self.history) + 1, **metrics, "train/loss": float(loss.detach())})
+            return None  # nothing to learn from: every pair of every rank tied
+        if batch is None:  # this rank's pairs all tied, another's did not: a zero loss keeps DDP in step
+            loss, m = sum(p.sum() for p in self.policy.trainable_parameters()) * 0.0, None
+        else:
+            ref = None
+            if self.config.variant not in REFERENCE_FREE:
+                ref_logps, _ = sequence_logprobs(self.policy, batch, reference=True)
+                ref = ref_logps.chunk(2)
+            loss, m = self._dpo_loss(batch, ref)
+        loss, logged = global_mean(loss, n_pairs)
+        self._log_preference("train", global_means(self._preference_metrics(logged, m), n_pairs))
+        self._log_sampling(metrics)
+        self.history.append({"iteration": len(self.history) + 1, **metrics, "train/loss": float(logged)})
         return loss
 
-    def _log_sampling(self, metrics: dict, batch_size: int) -> None:
+    def _log_sampling(self, metrics: dict) -> None:
         # The progress bar shows what it shows for the other online algorithms.
         bar = {"train/reward", "train/gold_reward", "train/kl"}
         for key, value in metrics.items():
-            self.log(key, value, prog_bar=key in bar, batch_size=batch_size)
+            self.log(key, value, prog_bar=key in bar)
 
     def configure_optimizers(self):
         c = self.config

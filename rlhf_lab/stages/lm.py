@@ -20,7 +20,14 @@ from rlhf_lab.data import PackedTextDataset, SFTDataset, pad_collate
 from rlhf_lab.losses import lm_loss
 from rlhf_lab.losses.masked import masked_sum
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, ResumableStage, adamw, check_fits_positions
+from rlhf_lab.stages.common import (
+    Budget,
+    ResumableStage,
+    StepBudget,
+    adamw,
+    check_fits_positions,
+    global_mean,
+)
 
 
 @dataclass
@@ -59,7 +66,7 @@ class SFTConfig:
         check_positive("max_length", self.max_length)
 
 
-class LanguageModeling(ResumableStage, L.LightningModule):
+class LanguageModeling(StepBudget, ResumableStage, L.LightningModule):
     """Masked next-token NLL on a dataset of `input_ids`/`attention_mask`/`loss_mask` rows."""
 
     def __init__(self, policy: Policy, train_data: Dataset, val_data: Dataset | None, config):
@@ -79,16 +86,14 @@ class LanguageModeling(ResumableStage, L.LightningModule):
         mask[:, 0] = 0
         return logprobs, mask
 
-    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        return lm_loss(*self._targets(batch))
-
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, metrics = self._loss(batch)
-        self.budget.samples += batch["input_ids"].shape[0]
-        self.budget.optimizer_steps += 1
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/perplexity", metrics["perplexity"])
-        self.log_dict(self.budget.metrics())
+        logprobs, mask = self._targets(batch)
+        loss, _ = lm_loss(logprobs, mask)
+        # The mean over every target token of the global batch, on any number of ranks.
+        loss, logged = global_mean(loss, mask.sum())
+        self.budget.count(samples=batch["input_ids"].shape[0])
+        self.log("train/loss", logged, prog_bar=True)
+        self.log("train/perplexity", torch.exp(logged))
         return loss
 
     # Validation: `val/loss` is the token-level mean NLL over every target token of the whole

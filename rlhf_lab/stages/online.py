@@ -36,6 +36,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_lab.checks import check_choice, check_positive, check_unit_interval
+from rlhf_lab.data.sampler import shard_bounds
+from rlhf_lab.distributed import all_max, all_sum, broadcast, collective_device, rank, world_size
 from rlhf_lab.losses import (
     AGGREGATIONS,
     BASELINES,
@@ -58,7 +60,7 @@ from rlhf_lab.optim import trpo_step
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards.checks import check_scores
 from rlhf_lab.rollout import Rollout, RolloutBuffer
-from rlhf_lab.stages.common import Budget, ResumableStage
+from rlhf_lab.stages.common import Budget, ResumableStage, global_means
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -103,6 +105,7 @@ class OnlineRLConfig:
     kl_horizon: int = 10000  # adaptive controller horizon, in samples
     whiten_advantages: bool = True  # normalise advantages over the batch
     missing_eos_penalty: float = 0.0  # subtracted from the score of responses that hit the limit
+    micro_batch_size: int | None = None  # rows per forward/backward pass (memory bound); None = a minibatch
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     weight_decay: float = 0.0  # AdamW decoupled weight decay
 
@@ -132,6 +135,8 @@ class OnlineRLConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         check_positive("ppo_epochs", self.ppo_epochs)
         check_positive("minibatches", self.minibatches)
+        if self.micro_batch_size is not None:
+            check_positive("micro_batch_size", self.micro_batch_size)
         if self.minibatches > self.prompts_per_step * self.samples_per_prompt:
             raise ValueError(
                 f"minibatches ({self.minibatches}) must not exceed prompts_per_step × "
@@ -181,7 +186,8 @@ class OnlineRLConfig:
                                      "leave it at its default")
 
         if self.update == "trpo":
-            inert(("clip_ratio", "ratio_level", "aggregation", "entropy_coef", "vf_coef"), "update='trpo'")
+            inert(("clip_ratio", "ratio_level", "aggregation", "entropy_coef", "vf_coef", "micro_batch_size"),
+                  "update='trpo'")
             if self.baseline != "critic":
                 inert(("lr", "weight_decay", "max_grad_norm", "ppo_epochs", "minibatches"),
                       f"update='trpo' and baseline={self.baseline!r} (no critic to fit)")
@@ -296,13 +302,17 @@ class OnlineRL(ResumableStage, L.LightningModule):
     def make_rollout(self, prompts: list[str]) -> Rollout:
         """Sample, score and annotate a rollout (steps 1–4 of the module docstring)."""
         c, policy = self.config, self.policy
-        rollout = policy.generate(prompts, max_new_tokens=c.max_new_tokens, temperature=c.temperature,
-                                  top_p=c.top_p, samples_per_prompt=c.samples_per_prompt)
+        # micro_batch_size bounds the rows of one generate call (whole prompts: groups stay whole).
+        per_call = len(prompts) if c.micro_batch_size is None else max(1, c.micro_batch_size // c.samples_per_prompt)
+        parts = [policy.generate(prompts[i:i + per_call], max_new_tokens=c.max_new_tokens,
+                                 temperature=c.temperature, top_p=c.top_p, samples_per_prompt=c.samples_per_prompt)
+                 for i in range(0, len(prompts), per_call)]
+        rollout = parts[0] if len(parts) == 1 else Rollout.concat(parts, policy.tokenizer.pad_token_id)
         device, n = rollout.input_ids.device, len(rollout)
         # Checked where they enter: one finite score per row, else a RewardError naming the row.
         rollout.scores = check_scores(self.reward_fn(rollout.prompts, rollout.completions), n, self.reward_fn,
                                       rollout.prompts, device=device)
-        self.budget.reward_calls += n
+        self.budget.count(reward_calls=n)
         if self.gold_fn is not None:
             rollout.gold_scores = check_scores(self.gold_fn(rollout.prompts, rollout.completions), n, self.gold_fn,
                                                rollout.prompts, device=device, what="gold reward")
@@ -319,14 +329,21 @@ class OnlineRL(ResumableStage, L.LightningModule):
         c, policy = self.config, self.policy
         ids, attn = rollout.input_ids, rollout.attention_mask
         if rollout.ref_logprobs is None:
-            rollout.ref_logprobs = policy.ref_logprobs(ids, attn, c.temperature)
+            rollout.ref_logprobs = self._in_chunks(lambda i, a: policy.ref_logprobs(i, a, c.temperature), ids, attn)
         if c.baseline == "critic":
-            rollout.values = policy.values(ids, attn) * rollout.response_mask.float()
+            rollout.values = self._in_chunks(policy.values, ids, attn) * rollout.response_mask.float()
         rollout.rewards = shape_rewards(
             rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
             kl_coef=self.kl_ctl.value, kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in == "reward",
             ended_with_eos=rollout.ended_with_eos, missing_eos_penalty=c.missing_eos_penalty)
         return rollout
+
+    def _in_chunks(self, fn, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """`fn(ids, attn)` over row chunks of `micro_batch_size` (one call when None)."""
+        size = self.config.micro_batch_size
+        if size is None or size >= len(ids):
+            return fn(ids, attn)
+        return torch.cat([fn(ids[i:i + size], attn[i:i + size]) for i in range(0, len(ids), size)])
 
     # ------------------------------------------------------------------ update
     def training_step(self, prompts: list[str], batch_idx: int) -> None:
@@ -335,46 +352,120 @@ class OnlineRL(ResumableStage, L.LightningModule):
         if self.replay is None:
             rollout = self.make_rollout(prompts)
         else:  # the same stored rollouts every iteration: no sampling, no reward calls
-            rollout = self.annotate(dataclasses.replace(self.replay.data).to(self.device))
+            rollout = self.annotate(self._replay_share().to(self.device))
         self.buffer.clear()
         self.buffer.add(rollout)
         estimator = "gae" if c.baseline == "critic" else c.baseline
-        rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages)
+        reduce = all_sum if world_size() > 1 else None  # whitening and batch_mean over the global batch
+        rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages,
+                                                 reduce=reduce)
         if c.update == "trpo":
+            if world_size() > 1:
+                raise NotImplementedError("update='trpo' runs on one process: its line search is not distributed")
             self._log_iteration(rollout, self._trpo_update(rollout, optimizer), c.steps_per_iteration)
             return
         sums: dict[str, float] = defaultdict(float)
         n_updates = 0
-        for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs):
-            if c.baseline == "critic":
-                logprobs, entropy, values = self.policy.logprobs_and_values(
-                    mb.input_ids, mb.attention_mask, c.temperature)
-            else:
-                logprobs, entropy = self.policy.logprobs(mb.input_ids, mb.attention_mask, c.temperature,
-                                                         return_entropy=True)
-            policy_loss, pm = ppo_policy_loss(
-                logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_ratio=c.clip_ratio,
-                ratio_level=c.ratio_level, aggregation=c.aggregation)
-            ent, _ = entropy_bonus(entropy, mb.response_mask)
-            value_loss = kl_term = None
-            if c.baseline == "critic":
-                value_loss, _ = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask,
-                                               clip_value=c.value_clip)
-            if c.kl_in == "loss":
-                # GRPO puts the KL in the loss (Shao et al. 2024), with gradients through logprobs.
-                kl_term, _ = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, c.kl_estimator)
-            loss, terms = online_objective(
-                policy_loss, ent, value_loss, kl_term, entropy_coef=c.entropy_coef,
-                vf_coef=c.vf_coef if value_loss is not None else 0.0,
-                kl_coef=self.kl_ctl.value if kl_term is not None else 0.0)
+        for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs, **self._layout(len(rollout))):
+            for key, value in self._update(mb, optimizer).items():
+                sums[key] += value
+            n_updates += 1
+        self._log_iteration(rollout, {k: v / n_updates for k, v in sums.items()}, n_updates)
+
+    def _layout(self, n_local: int) -> dict:
+        """Where this process's rows sit in the global batch, for `RolloutBuffer.minibatches`: on
+        several processes every pass shuffles the global batch with rank 0's permutation."""
+        world = world_size()
+        if world == 1:
+            return {}
+        me = rank()
+        sizes = all_sum(torch.nn.functional.one_hot(torch.tensor(me), world).double() * n_local)
+        sizes = [int(x) for x in sizes.tolist()]
+
+        def permutation(total: int) -> torch.Tensor:
+            order = torch.randperm(total) if me == 0 else torch.empty(total, dtype=torch.long)
+            return broadcast(order.to(collective_device()), src=0).cpu()
+
+        return {"offset": sum(sizes[:me]), "total": sum(sizes), "permutation": permutation}
+
+    def _update(self, mb: Rollout, optimizer) -> dict[str, float]:
+        """One optimiser step on minibatch `mb` (this process's rows of it; maybe none).
+
+        On one process without `micro_batch_size` this is one forward and backward on `mb`.
+        Otherwise the rows go through in chunks of `micro_batch_size`, each chunk's loss being
+        its share of the global minibatch's (sums divided by the global token and sequence
+        counts, `counts=`), and the gradients add up before the step: the update is the same on
+        1 process, N ranks, or N micro-batches. Every rank runs the same number of chunks (a rank
+        with fewer rows runs a zero-weighted one), so DDP's gradient all-reduce stays in step.
+        Returns the step's metrics (global).
+        """
+        c, world = self.config, world_size()
+        if world == 1 and c.micro_batch_size is None:
+            loss, metrics = self._minibatch_loss(mb, None)
             optimizer.zero_grad()
             self.manual_backward(loss)
-            self._clip_per_group(optimizer)
             optimizer.step()
-            n_updates += 1
-            for key, value in {**terms, "clipfrac": pm["clipfrac"], "approx_kl": pm["approx_kl"]}.items():
-                sums[key] += float(value)
-        self._log_iteration(rollout, {k: v / n_updates for k, v in sums.items()}, n_updates)
+            return {k: float(v) for k, v in metrics.items()}
+        mask = mb.response_mask
+        local = torch.tensor([float(mask.sum()), float((mask != 0).any(dim=-1).sum())], dtype=torch.float64)
+        tokens, sequences = (max(x, 1.0) for x in all_sum(local.to(collective_device())).cpu().tolist())
+        size = c.micro_batch_size or max(len(mb), 1)
+        n_chunks = -(-len(mb) // size)
+        n_steps = int(all_max(torch.tensor(max(n_chunks, 1)).to(collective_device())))
+        optimizer.zero_grad()
+        sums: dict[str, float] = defaultdict(float)
+        for i in range(n_steps):
+            if i < n_chunks:
+                part, weight = mb.index(torch.arange(i * size, min((i + 1) * size, len(mb)), device=mask.device)), 1.0
+            else:  # no rows left here: a zero-weighted pass over one buffered row
+                part, weight = self.buffer.data.index(torch.zeros(1, dtype=torch.long, device=mask.device)), 0.0
+            loss, metrics = self._minibatch_loss(part, (tokens, sequences))
+            # DDP averages gradients over the ranks; each rank's loss is its share of the sum.
+            self.manual_backward(loss * (weight * world))
+            for key, value in metrics.items():
+                sums[key] += weight * float(value)
+        optimizer.step()
+        keys = sorted(sums)
+        totals = all_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64).to(collective_device()))
+        return dict(zip(keys, totals.cpu().tolist(), strict=True))
+
+    def _minibatch_loss(self, mb: Rollout, counts: tuple[float, float] | None) -> tuple[torch.Tensor, dict]:
+        """The online objective on rows `mb`; with `counts` (tokens, sequences of the global
+        minibatch) its share of the minibatch's loss (see `ppo_policy_loss`)."""
+        c = self.config
+        tokens = None if counts is None else counts[0]
+        if c.baseline == "critic":
+            logprobs, entropy, values = self.policy.logprobs_and_values(mb.input_ids, mb.attention_mask, c.temperature)
+        else:
+            logprobs, entropy = self.policy.logprobs(mb.input_ids, mb.attention_mask, c.temperature,
+                                                     return_entropy=True)
+        policy_loss, pm = ppo_policy_loss(
+            logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_ratio=c.clip_ratio,
+            ratio_level=c.ratio_level, aggregation=c.aggregation, counts=counts)
+        ent, _ = entropy_bonus(entropy, mb.response_mask, tokens=tokens)
+        value_loss = kl_term = None
+        if c.baseline == "critic":
+            value_loss, _ = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask, clip_value=c.value_clip,
+                                           tokens=tokens)
+        if c.kl_in == "loss":
+            # GRPO puts the KL in the loss (Shao et al. 2024), with gradients through logprobs.
+            kl_term, _ = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, c.kl_estimator, tokens=tokens)
+        loss, terms = online_objective(
+            policy_loss, ent, value_loss, kl_term, entropy_coef=c.entropy_coef,
+            vf_coef=c.vf_coef if value_loss is not None else 0.0,
+            kl_coef=self.kl_ctl.value if kl_term is not None else 0.0)
+        return loss, {**terms, "clipfrac": pm["clipfrac"], "approx_kl": pm["approx_kl"]}
+
+    def _replay_share(self) -> Rollout:
+        """The replayed rollouts this process trains on: all of them on one process, else its
+        contiguous share of their groups (a group never straddles processes)."""
+        data = self.replay.data
+        if world_size() == 1:
+            return dataclasses.replace(data)
+        groups = list(dict.fromkeys(data.group_ids.tolist()))  # in order of first appearance
+        start, end = shard_bounds(len(groups), rank(), world_size())
+        mine = torch.tensor([g in set(groups[start:end]) for g in data.group_ids.tolist()])
+        return data.index(mine.nonzero().flatten())
 
     def _trpo_update(self, data: Rollout, optimizer) -> dict[str, float]:
         """One trust-region step of the policy on the whole batch (Schulman et al. 2015).
@@ -421,7 +512,6 @@ class OnlineRL(ResumableStage, L.LightningModule):
                                                mb.returns, mb.response_mask, clip_value=c.value_clip)
                 optimizer.zero_grad()
                 self.manual_backward(value_loss)
-                self._clip_per_group(optimizer)
                 optimizer.step()
                 values_loss += float(value_loss.detach())
             out["value_loss"] = values_loss / c.steps_per_iteration
@@ -434,25 +524,30 @@ class OnlineRL(ResumableStage, L.LightningModule):
 
     def _log_iteration(self, rollout: Rollout, update: dict, n_updates: int) -> None:
         mask = rollout.response_mask.float()
+        n, tokens = len(rollout), float(mask.sum())
         # train/kl is always k1 on the sampled tokens, summed per sequence, so algorithms compare.
         seq_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
-        self.budget.samples += len(rollout)
-        self.budget.generated_tokens += int(mask.sum())
+        n_global = self.budget.count(samples=n, generated_tokens=int(tokens))["samples"]
         self.budget.optimizer_steps += n_updates
-        metrics = {f"train/{k}": v for k, v in update.items()}
-        metrics.update({
-            "train/reward": float(rollout.scores.mean()),
-            "train/kl": float(seq_kl),
-            "train/response_length": float(mask.sum(dim=1).mean()),
-            "train/advantage_std": float(masked_mean(rollout.advantages ** 2, mask).sqrt()),
-            "train/kl_coef": float(self.kl_ctl.value),
-        })
-        if rollout.values is not None:
-            metrics["train/value_mean"] = float(masked_mean(rollout.values, mask))
-        # train/kl_coef is the β this iteration used; the controller then adapts it for the next.
-        self.kl_ctl.update(float(seq_kl), len(rollout))
+        # Means over the global batch: per row, and per response token.
+        per_row = {"train/reward": rollout.scores.mean(), "train/kl": seq_kl,
+                   "train/response_length": mask.sum(dim=1).mean()}
         if rollout.gold_scores is not None:
-            metrics["train/gold_reward"] = float(rollout.gold_scores.mean())
+            per_row["train/gold_reward"] = rollout.gold_scores.mean()
+        per_token = {"train/advantage_std": masked_mean(rollout.advantages ** 2, mask)}
+        if rollout.values is not None:
+            per_token["train/value_mean"] = masked_mean(rollout.values, mask)
+        per_row, per_token = global_means(per_row, n), global_means(per_token, tokens)
+        metrics = {f"train/{k}": v for k, v in update.items()}
+        metrics.update({k: per_row[k] for k in ("train/reward", "train/kl", "train/response_length")})
+        metrics["train/advantage_std"] = per_token["train/advantage_std"] ** 0.5
+        metrics["train/kl_coef"] = float(self.kl_ctl.value)
+        if "train/value_mean" in per_token:
+            metrics["train/value_mean"] = per_token["train/value_mean"]
+        # train/kl_coef is the β this iteration used; the controller then adapts it for the next.
+        self.kl_ctl.update(per_row["train/kl"], n_global)
+        if "train/gold_reward" in per_row:
+            metrics["train/gold_reward"] = per_row["train/gold_reward"]
         metrics.update(self.budget.metrics())
         bar = {"train/reward", "train/gold_reward", "train/kl"}
         for key, value in metrics.items():
@@ -468,15 +563,14 @@ class OnlineRL(ResumableStage, L.LightningModule):
         self.history = list(state["history"])
         self.kl_ctl.value = state["kl_coef"]  # the adaptive controller's β (fixed: unchanged)
 
-    def _clip_per_group(self, optimizer) -> None:
+    def on_before_optimizer_step(self, optimizer) -> None:
         """Clip each parameter group's gradient norm on its own.
 
         With a separate critic the groups are (actor, critic), so the critic's larger gradients
-        never shrink the policy's step; one optimiser keeps one Trainer step per update.
+        never shrink the policy's step; one optimiser keeps one Trainer step per update. Lightning
+        calls this inside `optimizer.step()`, after fp16 loss scaling has unscaled the gradients,
+        so the true gradients are clipped.
         """
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # fp16 loss scaling: clip the true gradients
-            scaler.unscale_(optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer)
         for group in optimizer.param_groups:
             torch.nn.utils.clip_grad_norm_(group["params"], self.config.max_grad_norm)
 

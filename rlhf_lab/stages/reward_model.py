@@ -13,7 +13,16 @@ from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PreferenceDataset, preference_collate
 from rlhf_lab.losses import bradley_terry_loss
 from rlhf_lab.policy import Policy
-from rlhf_lab.stages.common import Budget, ResumableStage, adamw, check_fits_positions
+from rlhf_lab.stages.common import (
+    Budget,
+    EpochMeans,
+    ResumableStage,
+    StepBudget,
+    adamw,
+    check_fits_positions,
+    global_mean,
+    global_means,
+)
 
 
 @dataclass
@@ -37,7 +46,7 @@ class RewardModelConfig:
         check_positive("center_coef", self.center_coef, allow_zero=True)
 
 
-class RewardModel(ResumableStage, L.LightningModule):
+class RewardModel(StepBudget, ResumableStage, L.LightningModule):
     """Train `policy.scores` (a scalar head at the last real token) to rank chosen over rejected."""
 
     config_class = RewardModelConfig
@@ -64,19 +73,25 @@ class RewardModel(ResumableStage, L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss, m = self._loss(batch)
-        self.budget.samples += batch["input_ids"].shape[0] // 2
-        self.budget.optimizer_steps += 1
-        self.log("train/loss", loss, prog_bar=True)
+        n = batch["input_ids"].shape[0] // 2
+        loss, logged = global_mean(loss, n)  # the mean over the global batch's pairs
+        m = global_means({"accuracy": m["accuracy"], "margin": m["margin"]}, n)
+        self.budget.count(samples=n)
+        self.log("train/loss", logged, prog_bar=True)
         self.log("train/accuracy", m["accuracy"], prog_bar=True)
         self.log("train/reward_margin", m["margin"])
-        self.log_dict(self.budget.metrics())
         return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._val = EpochMeans()
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         loss, m = self._loss(batch)
-        n = batch["input_ids"].shape[0] // 2
-        self.log("val/loss", loss, batch_size=n)
-        self.log("val/accuracy", m["accuracy"], prog_bar=True, batch_size=n)
+        self._val.add({"val/loss": loss, "val/accuracy": m["accuracy"]}, batch["input_ids"].shape[0] // 2)
+
+    def on_validation_epoch_end(self) -> None:
+        for key, value in self._val.means().items():  # over every rank's pairs: no sync_dist
+            self.log(key, value, prog_bar=key == "val/accuracy")
 
     def configure_optimizers(self):
         c = self.config

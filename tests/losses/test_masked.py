@@ -87,3 +87,35 @@ def test_masked_whiten_eps_bounds_constant_input():
 def test_shape_mismatch_names_mask(fn):
     with pytest.raises(ValueError, match="mask"):
         fn(X, MASK[:, :2])
+
+
+def test_whiten_over_two_processes_uses_the_whole_batch_statistics():
+    """Each half whitened with a `reduce` that sums over both halves (two threads standing in
+    for two ranks) equals the whole batch whitened at once."""
+    import threading
+
+    x = torch.tensor([[1.0, 2.0, 9.0], [4.0, 5.0, 6.0], [-3.0, 0.5, 8.0], [2.0, 2.0, 2.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    whole = masked_whiten(x, mask)
+    barrier, slots, out = threading.Barrier(2), [None, None], [None, None]
+
+    def reduce_for(rank):
+        def reduce(t):
+            slots[rank] = t
+            barrier.wait()
+            total = slots[0] + slots[1]
+            barrier.wait()
+            return total
+        return reduce
+
+    def work(rank, rows):
+        out[rank] = masked_whiten(x[rows], mask[rows], reduce=reduce_for(rank))
+
+    threads = [threading.Thread(target=work, args=(0, slice(0, 2))), threading.Thread(target=work, args=(1, slice(2, 4)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(out), whole, atol=1e-6)
+    # Whitened alone, a half has its own mean: not the batch's.
+    assert not torch.allclose(masked_whiten(x[:2], mask[:2]), whole[:2], atol=1e-3)

@@ -139,3 +139,14 @@ def test_online_objective_refuses_a_coefficient_without_its_term():
         online_objective(p, value_loss=torch.zeros(2), vf_coef=0.5)
     with pytest.raises(ValueError, match="^entropy_coef"):
         online_objective(p, torch.tensor(1.0), entropy_coef=-1.0)
+
+
+def test_kl_loss_parts_with_the_batch_token_count_add_up():
+    # k1 = logp - ref per token; row 0 has 2 tokens (0.5, 1.5), row 1 one token (-1.0):
+    # token mean = (0.5 + 1.5 - 1.0) / 3 = 1/3; with tokens=3, row 0 gives 2/3 and row 1 gives -1/3.
+    logp = torch.tensor([[0.5, 1.5], [-1.0, 4.0]])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    ref = torch.zeros(2, 2)
+    assert kl_loss(logp, ref, mask, "k1")[0].item() == pytest.approx(1 / 3)
+    parts = [kl_loss(logp[r], ref[r], mask[r], "k1", tokens=3.0)[0].item() for r in ([0], [1])]
+    assert parts == pytest.approx([2 / 3, -1 / 3])

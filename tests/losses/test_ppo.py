@@ -207,3 +207,50 @@ def test_entropy_bonus_by_hand():
     assert value.requires_grad and not metrics["entropy"].requires_grad
     with pytest.raises(ValueError, match="response_mask"):
         entropy_bonus(entropy, mask[:, :2])
+
+
+# --- counts: a part of a batch (a micro-batch, one rank's rows) gives its share of the batch's loss
+
+# ratio 1 (logprobs = old) and no clipping, so the per-token loss is -A_t.
+# row 0: A = [1, 3], 2 tokens; row 1: A = [2, .], 1 token; row 2: A = [-4, 2], 2 tokens.
+PART_ADV = torch.tensor([[1.0, 3.0], [2.0, 9.0], [-4.0, 2.0]])
+PART_MASK = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+
+
+@pytest.mark.parametrize(("aggregation", "whole", "first", "second"), [
+    # token_mean: -(1 + 3 + 2 - 4 + 2) / 5 = -0.8; rows 0-1: -(1 + 3 + 2) / 5 = -1.2; row 2: -(-4 + 2) / 5 = 0.4
+    ("token_mean", -0.8, -1.2, 0.4),
+    # seq_mean: row means -2, -2, 1 -> (-2 - 2 + 1) / 3 = -1; rows 0-1: -4 / 3; row 2: 1 / 3
+    ("seq_mean", -1.0, -4 / 3, 1 / 3),
+])
+def test_parts_with_the_batch_counts_add_up_to_the_batch(aggregation, whole, first, second):
+    logp = torch.zeros(3, 2, requires_grad=True)
+    loss, _ = ppo_policy_loss(logp, torch.zeros(3, 2), PART_ADV, PART_MASK, clip_ratio=None, aggregation=aggregation)
+    assert loss.item() == pytest.approx(whole)
+    (grad_whole,) = torch.autograd.grad(loss, logp)
+    counts = (5.0, 3.0)  # the batch's response tokens and non-empty rows
+    parts, grads = [], []
+    for rows in ([0, 1], [2]):
+        part = torch.zeros(len(rows), 2, requires_grad=True)
+        loss, m = ppo_policy_loss(part, torch.zeros(len(rows), 2), PART_ADV[rows], PART_MASK[rows], clip_ratio=None,
+                                  aggregation=aggregation, counts=counts)
+        parts.append(loss.item())
+        grads.append(torch.autograd.grad(loss, part)[0])
+    assert parts == pytest.approx([first, second])
+    assert sum(parts) == pytest.approx(whole)
+    assert torch.allclose(torch.cat(grads), grad_whole)  # the same update, in two passes
+
+
+def test_value_loss_and_entropy_parts_add_up_to_the_token_mean():
+    values = torch.tensor([[1.0, 2.0], [0.5, 7.0], [3.0, -1.0]])
+    returns = torch.zeros(3, 2)
+    # 1/2 * token mean of V^2 over the 5 tokens: (1 + 4 + 0.25 + 9 + 1) / 5 / 2 = 1.525
+    whole, _ = ppo_value_loss(values, values, returns, PART_MASK, clip_value=None)
+    assert whole.item() == pytest.approx(1.525)
+    parts = [ppo_value_loss(values[r], values[r], returns[r], PART_MASK[r], clip_value=None, tokens=5.0)[0].item()
+             for r in ([0, 1], [2])]
+    assert parts == pytest.approx([(1 + 4 + 0.25) / 10, (9 + 1) / 10])
+    # entropy token mean: (1 + 2 + 0.5 + 3 - 1) / 5 = 1.1
+    assert entropy_bonus(values, PART_MASK)[0].item() == pytest.approx(1.1)
+    halves = [entropy_bonus(values[r], PART_MASK[r], tokens=5.0)[0].item() for r in ([0, 1], [2])]
+    assert halves == pytest.approx([3.5 / 5, 2.0 / 5])
