@@ -91,7 +91,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
                  rank: int = 0, world_size: int = 1, even: bool = True):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        self.order = ResumableSampler(n, seed, shuffle)
+        # `sampler` by name: Lightning sets the epoch of a batch sampler's `.sampler` each epoch.
+        self.sampler = ResumableSampler(n, seed, shuffle)
         self.batch_size, self.drop_last = int(batch_size), drop_last
         self.rank, self.world_size, self.even = rank, world_size, even
         self._skip: tuple[int, int] | None = None  # (epoch, global batches to skip)
@@ -99,10 +100,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     @property
     def epoch(self) -> int:
-        return self.order.epoch
+        return self.sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.order.set_epoch(epoch)
+        self.sampler.set_epoch(epoch)
 
     def skip(self, epoch: int, batches: int) -> None:
         """Start the next pass over `epoch` after its first `batches` batches (once)."""
@@ -110,7 +111,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def global_batches(self, epoch: int) -> list[list[int]]:
         """Every global batch of `epoch`, as the rows a one-process run would take."""
-        order = self.order.order(epoch)
+        order = self.sampler.order(epoch)
         batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         if batches and (self.drop_last and len(batches[-1]) < self.batch_size
                         or self.even and len(batches[-1]) < self.world_size):
@@ -119,7 +120,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def _dropped_rows(self) -> int:
         kept = sum(len(b) for b in self.global_batches(self.epoch))
-        return self.order.n - kept
+        return self.sampler.n - kept
 
     def __iter__(self) -> Iterator[list[int]]:
         batches = self.global_batches(self.epoch)

@@ -9,11 +9,12 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader
 
+from rlhf_lab.checks import check_positive
 from rlhf_lab.data.sampler import GlobalBatchSampler
 from rlhf_lab.distributed import all_sum, collective_device, world_size
 
 __all__ = ["Budget", "EpochMeans", "ResumableStage", "SavePolicy", "StepBudget", "adamw", "check_fits_positions",
-           "global_mean", "global_means"]
+           "check_micro_batch_size", "global_mean", "global_means", "mean_of_parts", "micro_batches"]
 
 
 def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):
@@ -184,6 +185,47 @@ class ResumableStage:
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self.load_stage_state(checkpoint["stage_state"])
+
+
+def check_micro_batch_size(value) -> None:
+    """`micro_batch_size` is None (one pass per batch) or a positive number of rows (pairs)."""
+    if value is not None:
+        check_positive("micro_batch_size", value)
+
+
+def micro_batches(fn, batch: dict, n: int, size: int | None, pairs: bool = False) -> list[tuple[int, object]]:
+    """`fn(part)` over parts of at most `size` rows of `batch` (or, with `pairs`, `size` pairs:
+    rows i and n + i of a chosen-then-rejected batch of n pairs); returns (rows of the part, fn's
+    output) for each part.
+
+    With `size` set and below n, each part runs under activation checkpointing: the forward keeps
+    only the part's inputs and outputs, and the backward recomputes one part at a time, so the
+    memory of a step is one part's activations however large the batch, for one more forward of
+    compute. The parts' outputs add up to the whole batch's (a loss summed over rows, then divided
+    once): the update is the one-pass update, to float rounding.
+    """
+    if size is None or size >= n:
+        return [(n, fn(batch))]
+    from torch.utils.checkpoint import checkpoint
+
+    out = []
+    for start in range(0, n, size):
+        items = torch.arange(start, min(start + size, n))
+        rows = torch.cat([items, items + n]) if pairs else items
+        # A per-row tensor (2n rows of a pair batch), or a per-pair one (n rows: e.g. its index).
+        part = {k: v[(items if pairs and v.shape[0] == n else rows).to(v.device)] if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+        out.append((len(items), checkpoint(fn, part, use_reentrant=False)))
+    return out
+
+
+def mean_of_parts(parts: list[tuple[int, tuple]], n: int) -> tuple[torch.Tensor, dict]:
+    """The (loss, metrics) of n rows from the `micro_batches` parts of a function that returns
+    (loss, metrics) as means over its rows: the parts' means weighted by their rows."""
+    if len(parts) == 1:
+        return parts[0][1]
+    loss = sum(rows * part_loss for rows, (part_loss, _) in parts) / n
+    return loss, {k: sum(rows * m[k] for rows, (_, m) in parts) / n for k in parts[0][1][1]}
 
 
 class StepBudget:

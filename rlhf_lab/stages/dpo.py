@@ -32,8 +32,11 @@ from rlhf_lab.stages.common import (
     StepBudget,
     adamw,
     check_fits_positions,
+    check_micro_batch_size,
     global_mean,
     global_means,
+    mean_of_parts,
+    micro_batches,
 )
 
 REFERENCE_FREE = ("simpo",)
@@ -56,6 +59,7 @@ class DPOConfig:
     max_length: int = 128  # tokens per side; longer rows lose the start of the prompt (counted)
     max_new_tokens: int = 8  # OnlineDPO: response length limit
     temperature: float = 1.0  # OnlineDPO: sampling temperature
+    micro_batch_size: int | None = None  # pairs per forward/backward pass (memory bound); None = the batch
 
     def __post_init__(self):
         check_choice("variant", self.variant, tuple(DPO_LOSSES))
@@ -70,6 +74,7 @@ class DPOConfig:
         check_positive("max_length", self.max_length)
         check_positive("max_new_tokens", self.max_new_tokens)
         check_positive("temperature", self.temperature)
+        check_micro_batch_size(self.micro_batch_size)
         self._reject_inert_knobs()
 
     def _reject_inert_knobs(self) -> None:
@@ -136,6 +141,14 @@ class _PreferenceStep:
                                rejected_lengths=len_r, beta=c.beta, label_smoothing=c.label_smoothing,
                                gamma=c.gamma, nll_coef=c.nll_coef)
 
+    def _micro_batched(self, batch: dict, n: int, reference) -> tuple[torch.Tensor, dict]:
+        """`_dpo_loss` of n pairs, in parts of `micro_batch_size` pairs (`micro_batches`): every
+        variant's loss and metrics are means over pairs, so the parts' means, weighted by their
+        pairs, are the batch's."""
+        parts = micro_batches(lambda part: self._dpo_loss(part, reference(part)), batch, n,
+                              self.config.micro_batch_size, pairs=True)
+        return mean_of_parts(parts, n)
+
     def _preference_metrics(self, loss, metrics: dict | None) -> dict:
         """The logged values of one batch: loss and implicit-reward metrics (zeros when `metrics`
         is None: a rank without pairs, weighted 0 in the global means)."""
@@ -199,8 +212,8 @@ class DPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
         return ref.chunk(2)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, metrics = self._dpo_loss(batch, self._reference(batch, "train"))
         n = batch["index"].shape[0]
+        loss, metrics = self._micro_batched(batch, n, lambda part: self._reference(part, "train"))
         loss, logged = global_mean(loss, n)  # the mean over the global batch's pairs
         self._log_preference("train", global_means(self._preference_metrics(logged, metrics), n))
         self.budget.count(samples=n)
@@ -312,16 +325,18 @@ class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
         if batch is None:  # this rank's pairs all tied, another's did not: a zero loss keeps DDP in step
             loss, m = sum(p.sum() for p in self.policy.trainable_parameters()) * 0.0, None
         else:
-            ref = None
-            if self.config.variant not in REFERENCE_FREE:
-                ref_logps, _ = sequence_logprobs(self.policy, batch, reference=True)
-                ref = ref_logps.chunk(2)
-            loss, m = self._dpo_loss(batch, ref)
+            loss, m = self._micro_batched(batch, n_pairs, self._online_reference)
         loss, logged = global_mean(loss, n_pairs)
         self._log_preference("train", global_means(self._preference_metrics(logged, m), n_pairs))
         self._log_sampling(metrics)
         self.history.append({"iteration": len(self.history) + 1, **metrics, "train/loss": float(logged)})
         return loss
+
+    def _online_reference(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.config.variant in REFERENCE_FREE:
+            return None
+        ref_logps, _ = sequence_logprobs(self.policy, batch, reference=True)
+        return ref_logps.chunk(2)
 
     def _log_sampling(self, metrics: dict) -> None:
         # The progress bar shows what it shows for the other online algorithms.

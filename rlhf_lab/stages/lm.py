@@ -26,7 +26,9 @@ from rlhf_lab.stages.common import (
     StepBudget,
     adamw,
     check_fits_positions,
+    check_micro_batch_size,
     global_mean,
+    micro_batches,
 )
 
 
@@ -39,6 +41,7 @@ class PretrainConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps
     batch_size: int = 32  # blocks per optimiser step
     block_size: int = 64  # tokens per block
+    micro_batch_size: int | None = None  # rows per forward/backward pass (memory bound); None = the batch
 
     def __post_init__(self):
         check_positive("lr", self.lr)
@@ -46,6 +49,7 @@ class PretrainConfig:
         check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
         check_positive("batch_size", self.batch_size)
         check_positive("block_size", self.block_size)
+        check_micro_batch_size(self.micro_batch_size)
 
 
 @dataclass
@@ -57,6 +61,7 @@ class SFTConfig:
     warmup_steps: int = 0  # linear learning-rate warm-up, in optimiser steps
     batch_size: int = 32  # pairs per optimiser step
     max_length: int = 128  # tokens per row; longer rows lose the start of the prompt (counted)
+    micro_batch_size: int | None = None  # rows per forward/backward pass (memory bound); None = the batch
 
     def __post_init__(self):
         check_positive("lr", self.lr)
@@ -64,6 +69,7 @@ class SFTConfig:
         check_positive("warmup_steps", self.warmup_steps, allow_zero=True)
         check_positive("batch_size", self.batch_size)
         check_positive("max_length", self.max_length)
+        check_micro_batch_size(self.micro_batch_size)
 
 
 class LanguageModeling(StepBudget, ResumableStage, L.LightningModule):
@@ -87,14 +93,25 @@ class LanguageModeling(StepBudget, ResumableStage, L.LightningModule):
         return logprobs, mask
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        logprobs, mask = self._targets(batch)
-        loss, _ = lm_loss(logprobs, mask)
+        n = batch["input_ids"].shape[0]
+        if self.config.micro_batch_size is None or self.config.micro_batch_size >= n:
+            logprobs, mask = self._targets(batch)
+            loss, _ = lm_loss(logprobs, mask)
+            tokens = mask.sum()
+        else:  # lm_loss's token mean, summed over parts (see micro_batches)
+            parts = micro_batches(self._nll_and_tokens, batch, n, self.config.micro_batch_size)
+            tokens = sum(t for _, (_, t) in parts)
+            loss = sum(nll for _, (nll, _) in parts) / tokens.clamp_min(1)
         # The mean over every target token of the global batch, on any number of ranks.
-        loss, logged = global_mean(loss, mask.sum())
+        loss, logged = global_mean(loss, tokens)
         self.budget.count(samples=batch["input_ids"].shape[0])
         self.log("train/loss", logged, prog_bar=True)
         self.log("train/perplexity", torch.exp(logged))
         return loss
+
+    def _nll_and_tokens(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        logprobs, mask = self._targets(batch)
+        return masked_sum(-logprobs, mask), mask.sum()
 
     # Validation: `val/loss` is the token-level mean NLL over every target token of the whole
     # validation set and `val/perplexity` = exp(val/loss). Summing NLLs and counts across batches

@@ -20,8 +20,11 @@ from rlhf_lab.stages.common import (
     StepBudget,
     adamw,
     check_fits_positions,
+    check_micro_batch_size,
     global_mean,
     global_means,
+    mean_of_parts,
+    micro_batches,
 )
 
 
@@ -36,6 +39,7 @@ class RewardModelConfig:
     max_length: int = 128  # tokens per side; longer rows lose the start of the prompt (counted)
     margin: float = 0.0  # required score gap m in -log σ(r_c − r_r − m)
     center_coef: float = 0.0  # weight of the reward-centering penalty (r_c + r_r)²
+    micro_batch_size: int | None = None  # pairs per forward/backward pass (memory bound); None = the batch
 
     def __post_init__(self):
         check_positive("lr", self.lr)
@@ -44,6 +48,7 @@ class RewardModelConfig:
         check_positive("batch_size", self.batch_size)
         check_positive("max_length", self.max_length)
         check_positive("center_coef", self.center_coef, allow_zero=True)
+        check_micro_batch_size(self.micro_batch_size)
 
 
 class RewardModel(StepBudget, ResumableStage, L.LightningModule):
@@ -72,8 +77,8 @@ class RewardModel(StepBudget, ResumableStage, L.LightningModule):
                                   center_coef=self.config.center_coef)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        loss, m = self._loss(batch)
         n = batch["input_ids"].shape[0] // 2
+        loss, m = mean_of_parts(micro_batches(self._loss, batch, n, self.config.micro_batch_size, pairs=True), n)
         loss, logged = global_mean(loss, n)  # the mean over the global batch's pairs
         m = global_means({"accuracy": m["accuracy"], "margin": m["margin"]}, n)
         self.budget.count(samples=n)

@@ -66,3 +66,37 @@ def test_drop_last_and_epochs():
 def test_a_rank_outside_the_world_is_refused():
     with pytest.raises(ValueError, match="rank 2 is not in"):
         GlobalBatchSampler(10, 4, seed=0, rank=2, world_size=2)
+
+
+def test_lightning_reshuffles_every_epoch():
+    """Through a real Trainer: Lightning sets the epoch of a batch sampler's `.sampler`, so every
+    epoch of a stage's loader is that epoch's order, not the first one again."""
+    import lightning as L
+    import torch
+
+    from rlhf_lab.stages.common import ResumableStage
+
+    class Recorder(ResumableStage, L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            self._init_resumable()
+            self.seen = []
+
+        def train_dataloader(self):
+            return self.make_loader(list(range(8)), 4, True, torch.tensor)
+
+        def training_step(self, batch, batch_idx):
+            self.seen.extend(batch.tolist())
+            return self.layer(batch.float()[:, None]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    torch.manual_seed(0)
+    module = Recorder()
+    L.Trainer(max_epochs=3, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module)
+    epochs = [module.seen[i:i + 8] for i in range(0, 24, 8)]
+    assert epochs == [ResumableSampler(8, module.data_seed).order(e) for e in range(3)]
+    assert epochs[0] != epochs[1] != epochs[2]

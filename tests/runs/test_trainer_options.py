@@ -141,3 +141,15 @@ def test_trpo_refuses_fp16_loss_scaling(tmp_path, capsys):
     assert line.endswith("trainer.precision 16-mixed does not apply to update 'trpo': its natural-gradient step "
                          "runs outside fp16 loss scaling; use bf16-mixed or 32-true")
     assert not list(tmp_path.iterdir())
+
+
+def test_micro_batch_size_is_checked_in_every_stage_config():
+    from rlhf_lab.stages import DPOConfig, OnlineRLConfig, PretrainConfig, RewardModelConfig, SFTConfig
+
+    for config in (PretrainConfig, SFTConfig, RewardModelConfig, DPOConfig, OnlineRLConfig):
+        assert config(micro_batch_size=4).micro_batch_size == 4
+        with pytest.raises(ValueError, match="micro_batch_size"):
+            config(micro_batch_size=0)
+    # TRPO's trust-region step takes the whole batch: the knob would do nothing there.
+    with pytest.raises(ValueError, match="micro_batch_size has no effect with update='trpo'"):
+        OnlineRLConfig.preset("trpo", micro_batch_size=4)
