@@ -1,4 +1,4 @@
-"""Train the cases of tests/dist/test_ddp.py for a few steps, on one process or as DDP ranks.
+"""Train the cases of tests/distributed/test_ddp.py for a few steps, on one process or as DDP ranks.
 
     python worker.py OUT DEVICES CASES_JSON
 

@@ -1,6 +1,6 @@
 """One script from one process to many: the same global batch gives the same update.
 
-Real processes: tests/dist/worker.py trains every case on one process and as 2 DDP ranks (gloo on
+Real processes: tests/distributed/worker.py trains every case on one process and as 2 DDP ranks (gloo on
 CPU, Lightning's launcher), and with `micro_batch_size` on one process. The loss, the updated
 weights (fp32 tolerance), the logged metrics and the budget counters must agree. The CLI test
 runs `rlhf-lab fit sft` on 1 process and on 2 ranks and compares the run folders.
@@ -67,10 +67,14 @@ def _replay(path: Path) -> None:
     rollout.save(str(path))
 
 
-def _train(out: Path, devices: int, cases: dict) -> dict:
-    proc = subprocess.run([sys.executable, str(HERE / "worker.py"), str(out), str(devices), json.dumps(cases)],
-                          env=faults.ENV, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def _start(out: Path, devices: int, cases: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "worker.py"), str(out), str(devices), json.dumps(cases)],
+                            env=faults.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _results(proc: subprocess.Popen, out: Path, cases: dict) -> dict:
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
     return {name: torch.load(out / f"{name}.pt", weights_only=False) for name in cases}
 
 
@@ -80,7 +84,9 @@ def results(tmp_path_factory):
     for sub in ("one", "two"):
         (root / sub).mkdir()
         _replay(root / sub / "replay.pt")
-    return {"one": _train(root / "one", 1, {**CASES, **MICRO}), "two": _train(root / "two", 2, CASES)}
+    # The one-process runs and the 2-rank runs side by side (they share nothing but the machine).
+    one, two = _start(root / "one", 1, {**CASES, **MICRO}), _start(root / "two", 2, CASES)
+    return {"one": _results(one, root / "one", {**CASES, **MICRO}), "two": _results(two, root / "two", CASES)}
 
 
 def _close(a: dict, b: dict, atol: float) -> None:
