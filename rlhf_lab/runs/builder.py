@@ -342,6 +342,12 @@ class FitConfig:
             raise ValueError(f"budget applies to the online stages, not to '{self.stage}' (use trainer.max_steps)")
         if self.stage_name in MANUAL_OPTIMIZATION_STAGES:
             check_manual_optimization(self.stage, self.trainer.options)
+        if getattr(self.config, "update", None) == "trpo" and (
+                self.trainer.options.get("num_nodes", 1) != 1
+                or isinstance(self.trainer.devices, int) and self.trainer.devices > 1):
+            raise ValueError(f"update 'trpo' trains on one process (trainer.devices {self.trainer.devices}, "
+                             f"num_nodes {self.trainer.options.get('num_nodes', 1)}): its conjugate-gradient step "
+                             "and line search are not distributed")
         if getattr(self.config, "update", None) == "trpo" and self.trainer.precision.startswith("16"):
             raise ValueError(f"trainer.precision {self.trainer.precision} does not apply to update 'trpo': its "
                              "natural-gradient step runs outside fp16 loss scaling; use bf16-mixed or 32-true")

@@ -338,6 +338,11 @@ class OnlineRL(ResumableStage, L.LightningModule):
             ended_with_eos=rollout.ended_with_eos, missing_eos_penalty=c.missing_eos_penalty)
         return rollout
 
+    def setup(self, stage: str) -> None:
+        if self.config.update == "trpo" and self.trainer.world_size > 1:
+            raise ValueError(f"update='trpo' trains on one process, not {self.trainer.world_size}: its "
+                             "conjugate-gradient step and line search are not distributed")
+
     def _in_chunks(self, fn, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
         """`fn(ids, attn)` over row chunks of `micro_batch_size` (one call when None)."""
         size = self.config.micro_batch_size
@@ -360,8 +365,6 @@ class OnlineRL(ResumableStage, L.LightningModule):
         rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages,
                                                  reduce=reduce)
         if c.update == "trpo":
-            if world_size() > 1:
-                raise NotImplementedError("update='trpo' runs on one process: its line search is not distributed")
             self._log_iteration(rollout, self._trpo_update(rollout, optimizer), c.steps_per_iteration)
             return
         sums: dict[str, float] = defaultdict(float)

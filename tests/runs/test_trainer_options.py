@@ -49,7 +49,7 @@ def test_options_from_the_command_line_reach_the_trainer_typed_and_reload(tmp_pa
     assert trainer.val_check_interval == 4  # 2 optimiser steps of 2 batches each
     # What the builder owns is still the builder's: its CSV logger and its checkpoint callback.
     assert [type(lg).__name__ for lg in trainer.loggers] == ["RunCSVLogger"]
-    assert trainer.checkpoint_callback is not None
+    assert trainer.checkpoint_callback.dirpath == f"{run.out_dir}/checkpoints"
 
     # config.yaml holds the options where they were given, and loads back as the same config.
     saved = yaml.safe_load(open(f"{run.out_dir}/config.yaml"))
@@ -153,3 +153,11 @@ def test_micro_batch_size_is_checked_in_every_stage_config():
     # TRPO's trust-region step takes the whole batch: the knob would do nothing there.
     with pytest.raises(ValueError, match="micro_batch_size has no effect with update='trpo'"):
         OnlineRLConfig.preset("trpo", micro_batch_size=4)
+
+
+def test_trpo_refuses_several_processes(tmp_path, capsys):
+    line = _error(capsys, "fit", "trpo", "--task", "arithmetic", "--out", str(tmp_path), "--trainer.devices", "2",
+                  "--trainer.strategy", "ddp")
+    assert line.endswith("update 'trpo' trains on one process (trainer.devices 2, num_nodes 1): its "
+                         "conjugate-gradient step and line search are not distributed")
+    assert not list(tmp_path.iterdir())
