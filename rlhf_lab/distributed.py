@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["all_max", "all_sum", "broadcast", "collective_device", "rank", "world_size"]
+__all__ = ["all_max", "all_sum", "broadcast", "collective_device", "full_state_dict", "gathered", "local", "rank",
+           "shard_model", "sharded_units", "world_size"]
 
 
 def _active() -> bool:
@@ -60,3 +61,65 @@ def collective_device() -> torch.device:
     if world_size() > 1 and torch.distributed.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------- sharding (FSDP2)
+
+
+def shard_model(model: torch.nn.Module, mesh) -> None:
+    """Shard `model`'s parameters over `mesh` with FSDP2 (`torch.distributed.fsdp.fully_shard`):
+    each transformer block (a class the model names in `_no_split_modules`, as Hugging Face models
+    do) is one unit, gathered for its own forward and backward, and the rest of the model (the
+    embeddings, the final norm, the LM head) is the root unit. A small module whose forward is
+    called (a value head) is one unit."""
+    from torch.distributed.fsdp import fully_shard
+
+    block_classes = set(getattr(model, "_no_split_modules", None) or ())
+    for module in list(model.modules()):
+        if module is not model and type(module).__name__ in block_classes:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def sharded_units(module: torch.nn.Module) -> list:
+    """The FSDP2 units inside `module` (empty when nothing is sharded)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2
+        return []
+    return [m for m in module.modules() if isinstance(m, FSDPModule)]
+
+
+def full_state_dict(module: torch.nn.Module) -> dict:
+    """The state dict of a sharded `module` with every tensor whole, on the CPU, on rank 0 (empty
+    on the others). A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: its shard of a sharded tensor (DTensor), else `t` itself."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if callable(to_local) else t
+
+
+class gathered:  # noqa: N801  (a context manager, used like a function)
+    """Within the block, every FSDP2 unit of `module` holds its full parameters (one all-gather per
+    unit on entry, on every rank) and its forwards communicate nothing; on exit they are sharded
+    again. Generation uses it: each rank then decodes as many tokens as its own rows need, without
+    keeping the others in step. The identity when nothing in `module` is sharded."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.units = sharded_units(module)
+
+    def __enter__(self):
+        for unit in self.units:
+            unit.set_reshard_after_forward(False, recurse=False)
+            unit.unshard()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for unit in self.units:
+            unit.reshard()
+            unit.set_reshard_after_forward(True, recurse=False)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf_lab import sampling
+from rlhf_lab import distributed, sampling
 from rlhf_lab.errors import CheckpointError, NonFiniteError
 from rlhf_lab.models.io import (
     ADAPTER_CONFIG,
@@ -71,8 +71,24 @@ __all__ = ["Policy", "check_checkpoint_kind", "checkpoint_stage", "first_nonfini
 REFERENCE_ADAPTER = "reference"  # a frozen copy of a non-zero initial policy adapter
 
 
+class ScalarHead(nn.Linear):
+    """A linear (H → 1) head for values or scores, computed in fp32 whatever the autocast context
+    and the weights' dtype.
+
+    It is one product, too cheap to run in low precision, and its output feeds advantages and the
+    Bradley–Terry loss directly. For fp32 weights and states outside autocast this is exactly
+    `nn.Linear`; gradients reach bf16/fp16 weights in their own dtype. It is always called as a
+    module, so a sharded strategy (FSDP2) gathers its weights for its forward.
+    """
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        with sampling.fp32(hidden):
+            return nn.functional.linear(hidden.float(), self.weight.float(),
+                                        None if self.bias is None else self.bias.float())
+
+
 def _new_head(hidden: int) -> nn.Linear:
-    head = nn.Linear(hidden, 1)
+    head = ScalarHead(hidden, 1)
     # A small init keeps the first values/scores near 0, so early updates are sane.
     nn.init.normal_(head.weight, std=1.0 / (hidden + 1) ** 0.5)
     nn.init.zeros_(head.bias)
@@ -276,7 +292,7 @@ class Policy(nn.Module):
         return cls(load_adapter(model, adapter_path), tokenizer, **kwargs)
 
     def save(self, path: str, extra: dict | None = None, merge: bool = False,
-             save_base: bool | None = None) -> None:
+             save_base: bool | None = None, write: bool = True) -> None:
         """Write an HF folder: model, tokenizer, the scalar head if any, and `extra` metadata.
 
         With a LoRA adapter the folder is a peft adapter folder (`adapter_config.json`,
@@ -288,32 +304,108 @@ class Policy(nn.Module):
         weights (`W + (α / r) B A`), which `AutoModelForCausalLM.from_pretrained` loads; a critic
         adapter is not part of it (a separate critic model is).
 
+        A sharded policy (`shard`) is gathered whole first, which every rank must take part in:
+        call `save` on every rank with `write` true on one (rank 0). `write=False` on an unsharded
+        policy does nothing.
+
         Weights that are not finite are never written: a parameter with NaN or ±inf, or a buffer
         with NaN, raises `NonFiniteError` naming it, before the folder is created.
         """
-        bad = first_nonfinite(list(self.named_parameters()))
+        states = self._full_states() if self.is_sharded else None  # a collective: before any return
+        if write:
+            self._write(path, states, extra, merge, save_base)
+
+    def _full_states(self) -> dict:
+        """Every part of a sharded policy whole (on rank 0): the model, the heads, the critic."""
+        full = distributed.full_state_dict(self.model)
+        # Each tied weight once (the LM head shares the embedding), as `save_pretrained` writes it.
+        names = {n for n, _ in self.model.named_parameters()} | {n for n, _ in self.model.named_buffers()}
+        states = {"model": {k: v for k, v in full.items() if k in names}}
+        for name in ("scalar_head", "critic_head"):
+            if getattr(self, name) is not None:
+                states[name] = distributed.full_state_dict(getattr(self, name))
+        if self.critic is not None:
+            states["critic"] = self.critic._full_states()
+        return states
+
+    def _write(self, path: str, states: dict | None, extra: dict | None, merge: bool,
+               save_base: bool | None) -> None:
+        if states is None:
+            named = list(self.named_parameters())
+            buffers = [(n, b) for n, b in self.named_buffers()]
+        else:  # the gathered weights; the heads and the critic are checked when they are written
+            buffer_names = {n for n, _ in self.model.named_buffers()}
+            named = [(n, t) for n, t in states["model"].items() if n not in buffer_names]
+            buffers = [(n, t) for n, t in states["model"].items() if n in buffer_names]
+        bad = first_nonfinite(named)
         what = "parameter"
         if bad is None:  # a buffer may hold -inf on purpose (an attention mask), never NaN
             what = "buffer"
-            bad = first_nonfinite([(n, b) for n, b in self.named_buffers()
-                                   if b.is_floating_point() and bool(torch.isnan(b).any())])
+            bad = first_nonfinite([(n, b) for n, b in buffers if b.is_floating_point() and bool(torch.isnan(b).any())])
         if bad is not None:
             raise NonFiniteError(f"refusing to save {path}: {what} '{bad[0]}' is not finite ({bad[1]}); "
                                  "a non-finite update corrupted the weights, so nothing was written")
         os.makedirs(path, exist_ok=True)
         meta: dict = {"scalar_head": self.scalar_head is not None}
         lora = self.adapter_name is not None and not merge
-        meta.update(save_model(self.model, path, self.adapter_name, merge=merge, save_base=save_base))
+        model_state = None if states is None else states["model"]
+        meta.update(save_model(self.model, path, self.adapter_name, merge=merge, save_base=save_base,
+                               state_dict=model_state))
         self.tokenizer.save_pretrained(path)
         if self.scalar_head is not None:
-            save_head(self.scalar_head, os.path.join(path, HEAD_FILE))
+            save_head(self.scalar_head, os.path.join(path, HEAD_FILE),
+                      state=None if states is None else states["scalar_head"])
         if self.critic is not None:
-            self.critic.save(os.path.join(path, CRITIC_DIR), extra={"role": "critic"})
+            self.critic._write(os.path.join(path, CRITIC_DIR), None if states is None else states["critic"],
+                               {"role": "critic"}, False, None)
         elif self.critic_adapter is not None and lora:
             save_critic_adapter(self.model, self.critic_adapter, self.critic_head, os.path.join(path, CRITIC_DIR))
         meta["critic"] = "adapter" if self.critic_adapter is not None and lora else self.critic is not None
         meta.update(extra or {})
         write_meta(path, meta)
+
+    # ------------------------------------------------------------------ sharding
+    def shard(self, mesh) -> None:
+        """Shard every weight over the device mesh `mesh` with FSDP2 (`trainer.strategy: fsdp2`).
+
+        The model and the frozen reference copy are sharded block by block
+        (`rlhf_lab.distributed.shard_model`), each head is one unit, and a separate critic is
+        sharded the same way. Each block is gathered for its own forward and backward; `generate`
+        gathers the whole policy once per call (`gathered`). A LoRA policy is not sharded: its
+        frozen base and adapters are toggled in place, which FSDP2's units do not follow.
+        """
+        if self.adapter_name is not None:
+            raise ValueError("a LoRA policy cannot be sharded (trainer.strategy fsdp2); train it with ddp: "
+                             "only its adapters are trained, and their gradients are small")
+        for model in (self.model, self.reference):
+            if model is not None:
+                distributed.shard_model(model, mesh)
+        for head in (self.scalar_head, self.critic_head):
+            if head is not None:
+                distributed.shard_model(head, mesh)
+        if self.critic is not None:
+            self.critic.shard(mesh)
+
+    @property
+    def is_sharded(self) -> bool:
+        """Whether `shard` has sharded this policy's weights."""
+        return bool(distributed.sharded_units(self))
+
+    @contextlib.contextmanager
+    def gathered(self):
+        """Within the block every weight of a sharded policy is whole on every rank, and its forwards
+        communicate nothing (so ranks may run different numbers of them, as generation does).
+        Every rank enters it (an all-gather); nested uses gather once. Nothing happens when the
+        policy is not sharded."""
+        if getattr(self, "_gathered", False) or not self.is_sharded:
+            yield self
+            return
+        self._gathered = True
+        try:
+            with distributed.gathered(self):
+                yield self
+        finally:
+            self._gathered = False
 
     def save_adapter(self, path: str) -> None:
         """Write the policy's LoRA adapter alone (a peft folder); `Policy.load_adapter` puts it on a base."""
@@ -492,22 +584,9 @@ class Policy(nn.Module):
         if self.scalar_head is None:
             raise ValueError(f"Policy.{what} needs a scalar head (construct with scalar_head=True)")
 
-    @staticmethod
-    def _head_fp32(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
-        """`head(hidden)` computed in fp32 whatever the autocast context and the weights' dtype.
-
-        A value or score head is one (H → 1) product, too cheap to run in low precision, and its
-        output feeds advantages and the Bradley–Terry loss directly. For fp32 weights and states
-        outside autocast this is exactly `head(hidden)`; gradients reach bf16/fp16 weights in
-        their own dtype.
-        """
-        with sampling.fp32(hidden):
-            return nn.functional.linear(hidden.float(), head.weight.float(),
-                                        None if head.bias is None else head.bias.float())
-
     @classmethod
     def _values_from_hidden(cls, hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
-        v = cls._head_fp32(head, hidden[:, :-1]).squeeze(-1)
+        v = head(hidden[:, :-1]).squeeze(-1)
         return nn.functional.pad(v, (1, 0))
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -530,7 +609,7 @@ class Policy(nn.Module):
         t = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.long() * t).argmax(dim=1)  # index of the last 1 in each row
         picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-        return self._head_fp32(self.scalar_head, picked).squeeze(-1)
+        return self.scalar_head(picked).squeeze(-1)
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -555,7 +634,8 @@ class Policy(nn.Module):
         `suppress_eos` forbids EOS (fixed-length responses, as in the benchmark). The loop itself
         is `rlhf_lab.sampling.generate`.
         """
-        return sampling.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                 temperature=temperature, top_p=top_p, greedy=greedy,
-                                 samples_per_prompt=samples_per_prompt, suppress_eos=suppress_eos,
-                                 generator=generator)
+        with self.gathered():  # a sharded policy: whole on every rank, so ranks may stop at different lengths
+            return sampling.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                     temperature=temperature, top_p=top_p, greedy=greedy,
+                                     samples_per_prompt=samples_per_prompt, suppress_eos=suppress_eos,
+                                     generator=generator)

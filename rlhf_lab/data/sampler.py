@@ -83,8 +83,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         rank, world_size: this process's place in the run.
         even: training (True) needs every rank to take part in every step (a rank without a
             batch would leave the others waiting in the gradient all-reduce), so a batch with
-            fewer rows than ranks is dropped, counted in the log. Evaluation (False) only sums
-            at the end, so there a rank simply has one batch fewer.
+            fewer rows than ranks is dropped, counted in the log. Evaluation (False) keeps every
+            row: such a batch joins the one before it (the means are weighted by rows anyway).
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = False,
@@ -116,6 +116,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if batches and (self.drop_last and len(batches[-1]) < self.batch_size
                         or self.even and len(batches[-1]) < self.world_size):
             batches.pop()
+        elif len(batches) > 1 and len(batches[-1]) < self.world_size:
+            # Evaluation keeps every row: a last batch too short for every rank joins the one before,
+            # so every rank runs the same number of batches (a sharded model needs them all in step).
+            batches[-2:] = [batches[-2] + batches[-1]]
         return batches
 
     def _dropped_rows(self) -> int:

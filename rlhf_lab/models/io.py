@@ -130,12 +130,14 @@ def load_head(head: nn.Linear, file: str) -> None:
 
 
 # ------------------------------------------------------------------ saving
-def save_head(head: nn.Linear, file: str) -> None:
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, file)
+def save_head(head: nn.Linear, file: str, state: dict | None = None) -> None:
+    """Write the head's weights (or `state`, its state dict gathered from a sharded run)."""
+    state = head.state_dict() if state is None else state
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, file)
 
 
 def save_model(model: PreTrainedModel, path: str, adapter_name: str | None = None, merge: bool = False,
-               save_base: bool | None = None) -> dict:
+               save_base: bool | None = None, state_dict: dict | None = None) -> dict:
     """Write `model` to the folder `path`; returns the metadata entries that describe what was written.
 
     Without `adapter_name`: `model.save_pretrained(path)`. With it (`model` is then a PeftModel):
@@ -144,11 +146,12 @@ def save_model(model: PreTrainedModel, path: str, adapter_name: str | None = Non
     which `save_base` places (see `_save_base`, metadata `base_model`), and the fingerprint of the
     base's weights (metadata `base_fingerprint`, checked on load). Adapter files an earlier
     save left in `path` are removed when no adapter is written, so loading never mistakes the
-    folder for an adapter folder.
+    folder for an adapter folder. `state_dict` (no adapter) is written instead of the model's own:
+    the whole weights a sharded run gathered.
     """
     meta: dict = {}
     if adapter_name is None:
-        model.save_pretrained(path)
+        model.save_pretrained(path, state_dict=state_dict)
     elif merge:
         model.get_base_model().save_pretrained(path, state_dict=base_state_dict(model, merge_adapter=adapter_name))
         meta["merged_adapter"] = model.peft_config[adapter_name].to_dict()

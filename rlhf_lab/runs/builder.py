@@ -129,7 +129,7 @@ class TrainerConfig:
     accelerator: str = "cpu"  # cpu | gpu | auto
     devices: Any = 1  # number of devices, or "auto"
     precision: str = "32-true"  # 32-true | bf16-mixed | 16-mixed
-    strategy: str = "auto"  # auto | ddp | fsdp | deepspeed_stage_2 | ...
+    strategy: str = "auto"  # auto | ddp | fsdp2 (rlhf_lab's: FSDP2, CPU too) | fsdp | deepspeed_stage_2 | ...
     val_check_interval: int | None = None  # optimiser steps between val passes; None = once per epoch
     log_every_n_steps: int = 1
     enable_progress_bar: bool = True
@@ -141,18 +141,41 @@ class TrainerConfig:
         check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         if self.options:
             check_trainer_options(self.options)
+        if self.strategy == FSDP2 and self._processes_per_node() is None:
+            raise ValueError(f"trainer.strategy {FSDP2} needs trainer.devices as a number or a list of devices, "
+                             f"got {self.devices!r}")
+
+    def _processes_per_node(self) -> int | None:
+        if isinstance(self.devices, (list, tuple)):
+            return len(self.devices)
+        return self.devices if isinstance(self.devices, int) and self.devices > 0 else None
+
+    def _strategy(self):
+        """The `strategy` Trainer argument: Lightning's name, or rlhf_lab's `fsdp2`, which is
+        Lightning's `ModelParallelStrategy` with every process in one data-parallel dimension
+        (no tensor parallelism) and whole-model checkpoints (one file, written by rank 0)."""
+        if self.strategy != FSDP2:
+            return self.strategy
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        world = self._processes_per_node() * int(self.options.get("num_nodes", 1))
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=False)
 
     def trainer_kwargs(self) -> dict:
         """The `lightning.Trainer` arguments of this section (all but `on_nonfinite`); the builder
         turns `val_check_interval` from optimiser steps into batches (× accumulate_grad_batches)."""
         kwargs = dict(accelerator=self.accelerator, devices=self.devices, precision=self.precision,
-                      strategy=self.strategy, log_every_n_steps=self.log_every_n_steps,
+                      strategy=self._strategy(), log_every_n_steps=self.log_every_n_steps,
                       enable_progress_bar=self.enable_progress_bar)
         if self.val_check_interval:
             accumulate = self.options.get("accumulate_grad_batches", 1)
             kwargs.update(val_check_interval=self.val_check_interval * accumulate, check_val_every_n_epoch=None)
         return {**kwargs, **self.options}
 
+
+# rlhf_lab's name for FSDP2 (torch's `fully_shard`) through Lightning's ModelParallelStrategy.
+FSDP2 = "fsdp2"
 
 # Trainer arguments the builder sets itself, with the reason a config may not give them.
 TRAINER_OWNED = {
@@ -343,11 +366,14 @@ class FitConfig:
         if self.stage_name in MANUAL_OPTIMIZATION_STAGES:
             check_manual_optimization(self.stage, self.trainer.options)
         if getattr(self.config, "update", None) == "trpo" and (
-                self.trainer.options.get("num_nodes", 1) != 1
+                self.trainer.strategy == FSDP2 or self.trainer.options.get("num_nodes", 1) != 1
                 or isinstance(self.trainer.devices, int) and self.trainer.devices > 1):
             raise ValueError(f"update 'trpo' trains on one process (trainer.devices {self.trainer.devices}, "
                              f"num_nodes {self.trainer.options.get('num_nodes', 1)}): its conjugate-gradient step "
                              "and line search are not distributed")
+        if self.trainer.strategy == FSDP2 and self.model.lora is not None:
+            raise ValueError(f"trainer.strategy {FSDP2} does not shard a LoRA policy (model.lora is set): its "
+                             "frozen base and adapters are switched in place; train it with strategy ddp")
         if getattr(self.config, "update", None) == "trpo" and self.trainer.precision.startswith("16"):
             raise ValueError(f"trainer.precision {self.trainer.precision} does not apply to update 'trpo': its "
                              "natural-gradient step runs outside fp16 loss scaling; use bf16-mixed or 32-true")
@@ -584,9 +610,9 @@ class Run:
         if trainer.interrupted:  # Ctrl-C / SIGTERM: no final folder, resume from the checkpoint
             raise KeyboardInterrupt(f"{self.name} was interrupted at step {trainer.global_step}; "
                                     f"continue it with --resume ({self.out_dir})")
-        if save and trainer.is_global_zero:
-            self.policy.save(self.out_dir, extra={"stage": self.name,
-                                                  "config": dataclasses.asdict(self.config.config)})
+        if save:  # every rank: a sharded policy is gathered whole first; rank 0 writes
+            self.policy.save(self.out_dir, extra={"stage": self.name, "config": dataclasses.asdict(self.config.config)},
+                             write=trainer.is_global_zero)
         summary = {"stage": self.name, "out": self.out_dir, "steps": trainer.global_step,
                    "seconds": time.perf_counter() - self.start, "metrics": metrics,
                    "history": self.evaluator.history if self.evaluator is not None else [],

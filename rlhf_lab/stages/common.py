@@ -11,9 +11,9 @@ from torch.utils.data import DataLoader
 
 from rlhf_lab.checks import check_positive
 from rlhf_lab.data.sampler import GlobalBatchSampler
-from rlhf_lab.distributed import all_sum, collective_device, world_size
+from rlhf_lab.distributed import all_max, all_sum, collective_device, world_size
 
-__all__ = ["Budget", "EpochMeans", "ResumableStage", "SavePolicy", "StepBudget", "adamw", "check_fits_positions",
+__all__ = ["Budget", "EpochMeans", "ResumableStage", "SavePolicy", "ShardableStage", "StepBudget", "adamw", "check_fits_positions",
            "check_micro_batch_size", "global_mean", "global_means", "mean_of_parts", "micro_batches"]
 
 
@@ -131,6 +131,19 @@ class Budget:
         }
 
 
+class ShardableStage:
+    """Mixed into every stage (before `LightningModule`): under `trainer.strategy: fsdp2`
+    (Lightning's `ModelParallelStrategy`), Lightning calls `configure_model` on every rank once
+    the processes are connected, and the stage shards its policy over the data-parallel mesh
+    (`Policy.shard`). Under any other strategy the module has no device mesh and nothing happens."""
+
+    def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or self.policy.is_sharded:
+            return
+        self.policy.shard(mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
+
+
 class ResumableStage:
     """What every stage adds to Lightning's checkpoint, and its resumable training data.
 
@@ -204,19 +217,37 @@ def micro_batches(fn, batch: dict, n: int, size: int | None, pairs: bool = False
     compute. The parts' outputs add up to the whole batch's (a loss summed over rows, then divided
     once): the update is the one-pass update, to float rounding.
     """
-    if size is None or size >= n:
+    if size is None:
         return [(n, fn(batch))]
     from torch.utils.checkpoint import checkpoint
 
-    out = []
-    for start in range(0, n, size):
-        items = torch.arange(start, min(start + size, n))
+    def part(items: torch.Tensor) -> dict:
         rows = torch.cat([items, items + n]) if pairs else items
         # A per-row tensor (2n rows of a pair batch), or a per-pair one (n rows: e.g. its index).
-        part = {k: v[(items if pairs and v.shape[0] == n else rows).to(v.device)] if torch.is_tensor(v) else v
+        return {k: v[(items if pairs and v.shape[0] == n else rows).to(v.device)] if torch.is_tensor(v) else v
                 for k, v in batch.items()}
-        out.append((len(items), checkpoint(fn, part, use_reentrant=False)))
+
+    parts = -(-n // size)
+    most = int(all_max(torch.tensor(parts).to(collective_device())))  # the most of any rank
+    if most == 1:
+        return [(n, fn(batch))]
+    out = [(min(size, n - start), checkpoint(fn, part(torch.arange(start, min(start + size, n))),
+                                             use_reentrant=False)) for start in range(0, n, size)]
+    # Every rank runs as many parts as the rank with the most: zero-weighted passes over its first
+    # row (0 rows, every output times 0, still in the graph), since a sharded strategy gathers each
+    # block in every forward and backward, on every rank together.
+    for _ in range(parts, most):
+        out.append((0, _times_zero(checkpoint(fn, part(torch.arange(1)), use_reentrant=False))))
     return out
+
+
+def _times_zero(out):
+    """`out` (tensors, numbers, and tuples, lists and dicts of them) with every value times 0."""
+    if isinstance(out, dict):
+        return {k: _times_zero(v) for k, v in out.items()}
+    if isinstance(out, (tuple, list)):
+        return type(out)(_times_zero(v) for v in out)
+    return out * 0 if torch.is_tensor(out) or isinstance(out, (int, float)) else out
 
 
 def mean_of_parts(parts: list[tuple[int, tuple]], n: int) -> tuple[torch.Tensor, dict]:
@@ -250,5 +281,6 @@ class SavePolicy(Callback):
         self.dirpath = dirpath
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if trainer.is_global_zero:
-            pl_module.policy.save(self.dirpath, extra={"stage_config": dict(pl_module.hparams)})
+        # Every rank: a sharded policy is gathered whole first; rank 0 writes.
+        pl_module.policy.save(self.dirpath, extra={"stage_config": dict(pl_module.hparams)},
+                              write=trainer.is_global_zero)

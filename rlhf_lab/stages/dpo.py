@@ -29,6 +29,7 @@ from rlhf_lab.stages.common import (
     Budget,
     EpochMeans,
     ResumableStage,
+    ShardableStage,
     StepBudget,
     adamw,
     check_fits_positions,
@@ -163,7 +164,7 @@ class _PreferenceStep:
             self.log(f"{split}/{key}", value, prog_bar=key in ("loss", "reward_accuracy"))
 
 
-class DPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
+class DPO(_PreferenceStep, StepBudget, ResumableStage, ShardableStage, L.LightningModule):
     """Offline DPO (and variants) on `prompt`/`chosen`/`rejected` rows."""
 
     config_class = DPOConfig
@@ -242,7 +243,7 @@ class DPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
         return self.make_loader(self.val_data, self.config.batch_size, False, self._collate)
 
 
-class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
+class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, ShardableStage, L.LightningModule):
     """Online DPO: each iteration samples two responses per prompt and ranks them with `reward_fn`.
 
     Pairs whose two responses score the same are skipped (counted in `train/skipped_pairs`).
@@ -296,10 +297,16 @@ class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
             stats["gold_reward"] = float(gold.mean())
         stats = global_means(stats, n)  # means over every rank's samples
         keep = scores[:, 0] != scores[:, 1]
+        self._first_pair = self._pair_batch(rollout, scores, torch.arange(len(keep), device=keep.device) == 0)
         stats["skipped_pairs"] = float((~keep).sum())
         if not keep.any():
             return None, stats
-        rows = torch.arange(len(prompts), device=scores.device)[keep]
+        return self._pair_batch(rollout, scores, keep), stats
+
+    @staticmethod
+    def _pair_batch(rollout, scores: torch.Tensor, keep: torch.Tensor) -> dict:
+        """The chosen-then-rejected batch of the pairs `keep` selects (the higher score is chosen)."""
+        rows = torch.arange(len(keep), device=scores.device)[keep]
         better = scores[keep].argmax(dim=1)  # 0 or 1: which sample of the pair won
         chosen_rows, rejected_rows = rows * 2 + better, rows * 2 + (1 - better)
         order = torch.cat([chosen_rows, rejected_rows])
@@ -308,7 +315,7 @@ class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
             "attention_mask": rollout.attention_mask[order],
             "loss_mask": rollout.response_mask[order],
         }
-        return batch, stats
+        return batch
 
     def training_step(self, prompts: list[str], batch_idx: int) -> torch.Tensor | None:
         batch, stats = self.make_pairs(prompts)
@@ -322,8 +329,11 @@ class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, L.LightningModule):
             self._log_sampling(metrics)
             self.history.append({"iteration": len(self.history) + 1, **metrics})
             return None  # nothing to learn from: every pair of every rank tied
-        if batch is None:  # this rank's pairs all tied, another's did not: a zero loss keeps DDP in step
-            loss, m = sum(p.sum() for p in self.policy.trainable_parameters()) * 0.0, None
+        if batch is None:
+            # This rank's pairs all tied, another's did not: a zero-weighted pass over its first pair
+            # keeps DDP's gradient all-reduce (and a sharded strategy's gathers) in step.
+            loss, m = self._micro_batched(self._first_pair, 1, self._online_reference)
+            loss, m = loss * 0.0, None
         else:
             loss, m = self._micro_batched(batch, n_pairs, self._online_reference)
         loss, logged = global_mean(loss, n_pairs)

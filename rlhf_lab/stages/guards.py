@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from rlhf_lab.checks import check_choice
+from rlhf_lab.distributed import local
 from rlhf_lab.errors import NonFiniteError
 
 __all__ = ["NONFINITE_MODES", "NonFiniteGuard"]
@@ -61,7 +62,7 @@ class NonFiniteGuard(Callback):
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16: the GradScaler skips overflowing steps itself (see the module docstring)
         grads = [(p, p.grad) for p in _params(optimizer) if p.grad is not None]
-        finite = all(bool(torch.isfinite(g).all()) for _, g in grads)
+        finite = all(bool(torch.isfinite(local(g)).all()) for _, g in grads)  # this rank's shard
         finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             return
@@ -72,7 +73,7 @@ class NonFiniteGuard(Callback):
         self.skipped_steps += 1
 
     def _message(self, trainer, grads: list[tuple[torch.nn.Parameter, torch.Tensor]]) -> str:
-        bad = [(p, g) for p, g in grads if not bool(torch.isfinite(g).all())]
+        bad = [(p, local(g)) for p, g in grads if not bool(torch.isfinite(local(g)).all())]
         where = "on another rank"
         if bad:
             p, g = bad[0]

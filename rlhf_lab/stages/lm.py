@@ -23,6 +23,7 @@ from rlhf_lab.policy import Policy
 from rlhf_lab.stages.common import (
     Budget,
     ResumableStage,
+    ShardableStage,
     StepBudget,
     adamw,
     check_fits_positions,
@@ -72,7 +73,7 @@ class SFTConfig:
         check_micro_batch_size(self.micro_batch_size)
 
 
-class LanguageModeling(StepBudget, ResumableStage, L.LightningModule):
+class LanguageModeling(StepBudget, ResumableStage, ShardableStage, L.LightningModule):
     """Masked next-token NLL on a dataset of `input_ids`/`attention_mask`/`loss_mask` rows."""
 
     def __init__(self, policy: Policy, train_data: Dataset, val_data: Dataset | None, config):
@@ -94,7 +95,7 @@ class LanguageModeling(StepBudget, ResumableStage, L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         n = batch["input_ids"].shape[0]
-        if self.config.micro_batch_size is None or self.config.micro_batch_size >= n:
+        if self.config.micro_batch_size is None:
             logprobs, mask = self._targets(batch)
             loss, _ = lm_loss(logprobs, mask)
             tokens = mask.sum()

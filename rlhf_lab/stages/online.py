@@ -60,7 +60,7 @@ from rlhf_lab.optim import trpo_step
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards.checks import check_scores
 from rlhf_lab.rollout import Rollout, RolloutBuffer
-from rlhf_lab.stages.common import Budget, ResumableStage, global_means
+from rlhf_lab.stages.common import Budget, ResumableStage, ShardableStage, global_means
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -230,7 +230,7 @@ class OnlineRLConfig:
 PPOConfig = OnlineRLConfig
 
 
-class OnlineRL(ResumableStage, L.LightningModule):
+class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
     """The online loop: sample, score, compute advantages, update (see the module docstring).
 
     Args:
@@ -339,7 +339,7 @@ class OnlineRL(ResumableStage, L.LightningModule):
         return rollout
 
     def setup(self, stage: str) -> None:
-        if self.config.update == "trpo" and self.trainer.world_size > 1:
+        if self.config.update == "trpo" and (self.trainer.world_size > 1 or self.policy.is_sharded):
             raise ValueError(f"update='trpo' trains on one process, not {self.trainer.world_size}: its "
                              "conjugate-gradient step and line search are not distributed")
 
@@ -354,10 +354,13 @@ class OnlineRL(ResumableStage, L.LightningModule):
     def training_step(self, prompts: list[str], batch_idx: int) -> None:
         c = self.config
         optimizer = self.optimizers()
-        if self.replay is None:
-            rollout = self.make_rollout(prompts)
-        else:  # the same stored rollouts every iteration: no sampling, no reward calls
-            rollout = self.annotate(self._replay_share().to(self.device))
+        # A sharded policy is gathered once for the whole rollout: each rank then runs as many
+        # generate calls and reference/value chunks as its own rows need.
+        with self.policy.gathered():
+            if self.replay is None:
+                rollout = self.make_rollout(prompts)
+            else:  # the same stored rollouts every iteration: no sampling, no reward calls
+                rollout = self.annotate(self._replay_share().to(self.device))
         self.buffer.clear()
         self.buffer.add(rollout)
         estimator = "gae" if c.baseline == "critic" else c.baseline

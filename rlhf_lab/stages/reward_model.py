@@ -17,6 +17,7 @@ from rlhf_lab.stages.common import (
     Budget,
     EpochMeans,
     ResumableStage,
+    ShardableStage,
     StepBudget,
     adamw,
     check_fits_positions,
@@ -51,7 +52,7 @@ class RewardModelConfig:
         check_micro_batch_size(self.micro_batch_size)
 
 
-class RewardModel(StepBudget, ResumableStage, L.LightningModule):
+class RewardModel(StepBudget, ResumableStage, ShardableStage, L.LightningModule):
     """Train `policy.scores` (a scalar head at the last real token) to rank chosen over rejected."""
 
     config_class = RewardModelConfig

@@ -40,10 +40,12 @@ def test_a_last_batch_smaller_than_the_ranks_is_left_out_of_training(caplog):
     assert [len(r) for r in ranks] == [3, 3, 3]
     assert sum(len(b) for r in ranks for b in r) == 12
     assert "1 row(s) of the last batch are left out" in caplog.text
-    # Evaluation keeps every row: the rank without a share of the last batch has one batch fewer.
+    # Evaluation keeps every row and gives every rank as many batches (a sharded model runs each
+    # forward on every rank): the 1-row last batch joins the one before, rows 8..12 over 3 ranks.
     evaluation = _epoch(13, 4, 3, shuffle=False, even=False)
     assert sorted(i for r in evaluation for b in r for i in b) == list(range(13))
-    assert [len(r) for r in evaluation] == [4, 3, 3]
+    assert [len(r) for r in evaluation] == [3, 3, 3]
+    assert [r[-1] for r in evaluation] == [[8, 9], [10, 11], [12]]
 
 
 def test_skip_resumes_after_the_batches_done_on_every_rank():

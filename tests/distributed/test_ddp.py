@@ -44,6 +44,13 @@ ONLINE = ("ppo", "ppo_seq_mean", "reinforce", "rloo", "grpo", "grpo_token_mean")
 # uneven parts (8 = 3 + 3 + 2), under activation checkpointing in the offline stages.
 MICRO = {f"{name}+micro": {**case, "config": {**case.get("config", {}), "micro_batch_size": 3}}
          for name, case in CASES.items()}
+# Batches of 7 rows (pairs) in parts of 3: on 2 ranks the shares are 4 and 3, so one rank runs 2
+# parts and the other 1, plus a zero-weighted one to keep a sharded model's gathers in step.
+UNEVEN = {"sft_uneven": {"stage": "sft", "config": {"batch_size": 7, "micro_batch_size": 3}},
+          "dpo_uneven": {"stage": "dpo", "config": {"batch_size": 7, "micro_batch_size": 3}}}
+# Cases run again on 2 ranks with every weight sharded (trainer.strategy fsdp2): the policy, the
+# reference copy, the value head (ppo) and the score head (reward_model).
+SHARDED = {**{name: CASES[name] for name in ("sft", "reward_model", "dpo", "online_dpo", "ppo", "grpo")}, **UNEVEN}
 
 
 def _replay(path: Path) -> None:
@@ -67,8 +74,8 @@ def _replay(path: Path) -> None:
     rollout.save(str(path))
 
 
-def _start(out: Path, devices: int, cases: dict) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(HERE / "worker.py"), str(out), str(devices), json.dumps(cases)],
+def _start(out: Path, devices: int, cases: dict, strategy: str = "ddp") -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(HERE / "worker.py"), str(out), str(devices), json.dumps(cases), strategy],
                             env=faults.ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 
@@ -81,12 +88,15 @@ def _results(proc: subprocess.Popen, out: Path, cases: dict) -> dict:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")
-    for sub in ("one", "two"):
+    for sub in ("one", "two", "sharded"):
         (root / sub).mkdir()
         _replay(root / sub / "replay.pt")
     # The one-process runs and the 2-rank runs side by side (they share nothing but the machine).
-    one, two = _start(root / "one", 1, {**CASES, **MICRO}), _start(root / "two", 2, CASES)
-    return {"one": _results(one, root / "one", {**CASES, **MICRO}), "two": _results(two, root / "two", CASES)}
+    ones = {**CASES, **MICRO, **UNEVEN}
+    one, two = _start(root / "one", 1, ones), _start(root / "two", 2, CASES)
+    sharded = _start(root / "sharded", 2, SHARDED, "fsdp2")
+    return {"one": _results(one, root / "one", ones), "two": _results(two, root / "two", CASES),
+            "sharded": _results(sharded, root / "sharded", SHARDED)}
 
 
 def _close(a: dict, b: dict, atol: float) -> None:
@@ -112,9 +122,7 @@ def _comparable(weights: dict, case: str) -> dict:
     return out
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_two_ranks_give_the_one_process_update(results, case):
-    one, two = results["one"][case], results["two"][case]
+def _same_update(one: dict, two: dict, case: str) -> None:
     assert (one["world_size"], two["world_size"]) == (1, 2)
     moved = max(float((one["weights"][k] - one["start"][k]).abs().max()) for k in one["weights"])
     assert moved > 1e-4, "the run did not train: nothing to compare"
@@ -127,6 +135,18 @@ def test_two_ranks_give_the_one_process_update(results, case):
 
 
 @pytest.mark.parametrize("case", list(CASES))
+def test_two_ranks_give_the_one_process_update(results, case):
+    _same_update(results["one"][case], results["two"][case], case)
+
+
+@pytest.mark.parametrize("case", list(SHARDED))
+def test_sharded_ranks_give_the_one_process_update(results, case):
+    """FSDP2 on 2 gloo ranks: each rank holds half of every weight, gathers each block for its
+    forward and backward (the whole policy for sampling), and reduce-scatters the gradients."""
+    _same_update(results["one"][case], results["sharded"][case], case)
+
+
+@pytest.mark.parametrize("case", list(CASES))
 def test_micro_batches_give_the_whole_batch_update(results, case):
     whole, chunked = results["one"][case], results["one"][f"{case}+micro"]
     _close(_comparable(whole["weights"], case), _comparable(chunked["weights"], case), atol=1e-5)
@@ -134,14 +154,22 @@ def test_micro_batches_give_the_whole_batch_update(results, case):
     _close(whole["metrics"], chunked["metrics"], atol=1e-5)
 
 
-def test_fit_on_two_ranks_ends_as_on_one(tmp_path):
-    """`rlhf-lab fit sft` for 20 steps: 2 DDP ranks draw the global batches one process draws."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_fit_on_two_ranks_ends_as_on_one(tmp_path, strategy):
+    """`rlhf-lab fit sft` for 20 steps: 2 ranks draw the global batches one process draws. Under
+    fsdp2 (every weight sharded) the 2-rank run is also killed at step 12 (SIGKILL, every rank)
+    and resumed from its step-10 checkpoint, which holds the whole weights and optimiser state."""
     args = ["fit", "sft", "--task", "arithmetic", "--trainer.max_steps", "20", "--config.batch_size", "8",
-            "--eval.prompts", "4", "--trainer.enable_progress_bar", "false",
+            "--eval.prompts", "4", "--trainer.enable_progress_bar", "false", "--checkpoint.every_n_steps", "5",
             "--model.overrides", "{n_layer: 1, n_embd: 32, n_head: 2}"]
     one = subprocess.Popen(faults.cli(*args, "--out", str(tmp_path / "one")), env=faults.ENV,
                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    faults.run(faults.cli(*args, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--out", str(tmp_path / "two")))
+    two = [*args, "--trainer.devices", "2", "--trainer.strategy", strategy, "--out", str(tmp_path / "two")]
+    if strategy == "fsdp2":
+        faults.kill_at(faults.at_fault(two, {"step": 12}))
+        assert sorted(os.listdir(tmp_path / "two" / "sft" / "checkpoints")) == ["last.ckpt", "step=10.ckpt"]
+        two.append("--resume")
+    faults.run(faults.cli(*two))
     assert one.wait(timeout=600) == 0, one.stderr.read()[-3000:]
     one.stderr.close()
     a, b = tmp_path / "one" / "sft", tmp_path / "two" / "sft"

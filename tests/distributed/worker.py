@@ -1,9 +1,10 @@
 """Train the cases of tests/distributed/test_ddp.py for a few steps, on one process or as DDP ranks.
 
-    python worker.py OUT DEVICES CASES_JSON
+    python worker.py OUT DEVICES CASES_JSON [STRATEGY]
 
-With DEVICES > 1 Lightning's DDP launcher (gloo on CPU) starts this script again for the other
-ranks. Every case builds its tiny policy, data and stage from fixed seeds, trains, and rank 0
+With DEVICES > 1 Lightning's launcher (gloo on CPU) starts this script again for the other
+ranks. STRATEGY is `ddp` (the default) or `fsdp2` (every weight sharded over the ranks, as
+`trainer.strategy: fsdp2` runs it). Every case builds its tiny policy, data and stage from fixed seeds, trains, and rank 0
 writes `OUT/<case>.pt`: the trained weights, the budget counters, the last logged metrics and
 the stage's per-iteration history. Cases: see `build`.
 """
@@ -17,11 +18,13 @@ import sys
 import lightning as L
 import torch
 
+from rlhf_lab.distributed import full_state_dict, sharded_units
 from rlhf_lab.models.backbones import build_tiny_model
 from rlhf_lab.models.tokenizer import train_bpe_tokenizer
 from rlhf_lab.policy import Policy
 from rlhf_lab.rewards import CallableSource
 from rlhf_lab.rollout import Rollout, RolloutBuffer
+from rlhf_lab.runs.builder import TrainerConfig
 from rlhf_lab.stages import (
     DPO,
     SFT,
@@ -75,11 +78,11 @@ def build(case: dict, replay_path: str) -> tuple[L.LightningModule, int]:
     kind, knobs = case["stage"], case.get("config", {})
     if kind == "sft":
         rows = [{"prompt": p, "completion": f" {i % 7}"} for i, p in enumerate(PROMPTS)]
-        return SFT(policy(), rows, None, SFTConfig(batch_size=8, **knobs)), 2
+        return SFT(policy(), rows, None, SFTConfig(**{"batch_size": 8, **knobs})), 2
     if kind == "reward_model":
-        return RewardModel(policy(scalar_head=True), pairs(), None, RewardModelConfig(batch_size=8, **knobs)), 2
+        return RewardModel(policy(scalar_head=True), pairs(), None, RewardModelConfig(**{"batch_size": 8, **knobs})), 2
     if kind == "dpo":
-        return DPO(policy(reference="copy"), pairs(), None, DPOConfig(batch_size=8, **knobs)), 2
+        return DPO(policy(reference="copy"), pairs(), None, DPOConfig(**{"batch_size": 8, **knobs})), 2
     if kind == "online_dpo":
         p = per_prompt_sampling(policy(reference="copy"))
         return OnlineDPO(p, PROMPTS, CallableSource(chars), DPOConfig(batch_size=8, max_new_tokens=4, **knobs)), 2
@@ -91,34 +94,39 @@ def build(case: dict, replay_path: str) -> tuple[L.LightningModule, int]:
     return stage, 2 * config.steps_per_iteration
 
 
-def run(out: str, devices: int, cases: dict[str, dict]) -> None:
+def run(out: str, devices: int, cases: dict[str, dict], strategy: str = "ddp") -> None:
     for name, case in cases.items():
         L.seed_everything(0, verbose=False)
         stage, steps = build(case, os.path.join(out, "replay.pt"))
         start = _weights(stage)
         trainer = L.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=devices,
-                            strategy="ddp" if devices > 1 else "auto", logger=False, enable_checkpointing=False,
+                            strategy=TrainerConfig(devices=devices, strategy=strategy)._strategy() if devices > 1
+                            else "auto", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                             use_distributed_sampler=False, **case.get("trainer", {}))
         # Lightning's DDP re-seeds every rank from the global seed as it sets up (`reset_seed`), so
         # the one-process run starts fit from the same random state.
         L.seed_everything(0, verbose=False)
         trainer.fit(stage)
+        weights = _weights(stage)  # every rank: a sharded policy is gathered whole
         if trainer.is_global_zero:
             budget = {k: v for k, v in stage.budget.state_dict().items() if k != "seconds"}
             metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k != "budget/seconds"}
             history = [{k: v for k, v in row.items() if k != "budget/seconds"}
                        for row in getattr(stage, "history", [])]
-            torch.save({"weights": _weights(stage), "start": start, "budget": budget, "metrics": metrics,
+            torch.save({"weights": weights, "start": start, "budget": budget, "metrics": metrics,
                         "history": history, "world_size": trainer.world_size}, os.path.join(out, f"{name}.pt"))
 
 
 def _weights(stage) -> dict[str, torch.Tensor]:
-    weights = {k: v.detach().clone() for k, v in stage.policy.model.state_dict().items()}
+    def state(module) -> dict:
+        return full_state_dict(module) if sharded_units(module) else module.state_dict()
+
+    weights = {k: v.detach().clone() for k, v in state(stage.policy.model).items()}
     if stage.policy.scalar_head is not None:
-        weights.update({f"head.{k}": v.detach().clone() for k, v in stage.policy.scalar_head.state_dict().items()})
+        weights.update({f"head.{k}": v.detach().clone() for k, v in state(stage.policy.scalar_head).items()})
     return weights
 
 
 if __name__ == "__main__":
-    run(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]))
+    run(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), *sys.argv[4:])

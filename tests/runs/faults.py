@@ -52,13 +52,15 @@ def at_fault(args: list[str], plan: dict) -> list[str]:
 
 
 def kill_at(cmd: list[str], timeout: float = 600, env: dict | None = None) -> None:
-    """Run `cmd` (an `at_fault` command) until it stops itself, then SIGKILL it.
+    """Run `cmd` (an `at_fault` command) until it stops itself, then SIGKILL it, and with it every
+    process it started (the other ranks of a multi-process run, which stop at the same point).
 
     Fails if the process ends by itself before it reaches its fault point (the plan was past the
     end of the run).
     """
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, env=ENV if env is None else env, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, env=ENV if env is None else env, stdout=subprocess.DEVNULL, stderr=err, text=True,
+                                start_new_session=True)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
@@ -70,7 +72,7 @@ def kill_at(cmd: list[str], timeout: float = 600, env: dict | None = None) -> No
             err.seek(0)
             raise AssertionError(f"{' '.join(cmd)} ended ({proc.returncode}) before its fault point:\n"
                                  f"{err.read()[-3000:]}")
-        os.kill(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the launcher and the ranks it started
         _, status = os.waitpid(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
         assert proc.returncode == -signal.SIGKILL, proc.returncode

@@ -161,3 +161,30 @@ def test_trpo_refuses_several_processes(tmp_path, capsys):
     assert line.endswith("update 'trpo' trains on one process (trainer.devices 2, num_nodes 1): its "
                          "conjugate-gradient step and line search are not distributed")
     assert not list(tmp_path.iterdir())
+
+
+def test_fsdp2_is_lightnings_model_parallel_strategy_over_every_process():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from rlhf_lab.runs.builder import TrainerConfig
+
+    strategy = TrainerConfig(devices=[0, 1, 2], strategy="fsdp2", options={"num_nodes": 2})._strategy()
+    assert isinstance(strategy, ModelParallelStrategy)
+    # 3 processes on each of 2 nodes, all in the data-parallel dimension; one whole-model checkpoint file.
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (6, 1)
+    assert strategy._save_distributed_checkpoint is False
+    assert TrainerConfig(devices=2, strategy="ddp")._strategy() == "ddp"  # Lightning's names pass through
+
+
+def test_fsdp2_refusals_are_one_line(tmp_path, capsys):
+    line = _error(capsys, "fit", "sft", "--task", "arithmetic", "--out", str(tmp_path), "--trainer.devices", "auto",
+                  "--trainer.strategy", "fsdp2")
+    assert line.endswith("trainer.strategy fsdp2 needs trainer.devices as a number or a list of devices, got 'auto'")
+    line = _error(capsys, "fit", "sft", "--task", "arithmetic", "--out", str(tmp_path), "--trainer.devices", "2",
+                  "--trainer.strategy", "fsdp2", "--model.lora", "{r: 4}")
+    assert line.endswith("trainer.strategy fsdp2 does not shard a LoRA policy (model.lora is set): its frozen base "
+                         "and adapters are switched in place; train it with strategy ddp")
+    line = _error(capsys, "fit", "trpo", "--task", "arithmetic", "--out", str(tmp_path), "--trainer.devices", "1",
+                  "--trainer.strategy", "fsdp2")
+    assert "update 'trpo' trains on one process" in line
+    assert not list(tmp_path.iterdir())
