@@ -141,6 +141,11 @@ class TrainerConfig:
         check_choice("on_nonfinite", self.on_nonfinite, ("skip", "stop"))
         if self.options:
             check_trainer_options(self.options)
+        if self.strategy == FSDP2 and not fsdp2_available():
+            import torch
+
+            raise ValueError(f"trainer.strategy {FSDP2} needs torch >= 2.6 (torch.distributed.fsdp.fully_shard); "
+                             f"this is torch {torch.__version__}: use ddp, or a newer torch")
         if self.strategy == FSDP2 and self._processes_per_node() is None:
             raise ValueError(f"trainer.strategy {FSDP2} needs trainer.devices as a number or a list of devices, "
                              f"got {self.devices!r}")
@@ -176,6 +181,15 @@ class TrainerConfig:
 
 # rlhf_lab's name for FSDP2 (torch's `fully_shard`) through Lightning's ModelParallelStrategy.
 FSDP2 = "fsdp2"
+
+
+def fsdp2_available() -> bool:
+    """Whether this torch has FSDP2 as `torch.distributed.fsdp.fully_shard` (torch >= 2.6)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule, fully_shard  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 # Trainer arguments the builder sets itself, with the reason a config may not give them.
 TRAINER_OWNED = {
@@ -595,7 +609,7 @@ class Run:
                 echo(f"{self.name}: finished already ({summary['steps']} steps) -> {self.out_dir}/")
             return summary
         trainer, stage = self.trainer, self.stage
-        if self.ckpt_path is not None and echo is not None:
+        if self.ckpt_path is not None and echo is not None and _launch_rank() == 0:
             echo(f"{self.name}: resuming from {self.ckpt_path}")
         try:
             trainer.fit(stage, ckpt_path=self.ckpt_path)
@@ -625,7 +639,7 @@ class Run:
             torch.save(rng_state(), os.path.join(self.out_dir, END_RNG_FILE))
             write_complete(self.out_dir, {"stage": self.name, "steps": trainer.global_step,
                                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
-        if echo is not None:
+        if echo is not None and trainer.is_global_zero:  # one report, not one per rank
             echo(f"{self.name}: {trainer.global_step} steps in {summary['seconds']:.0f} s -> {self.out_dir}/")
             for k, v in sorted(metrics.items()):
                 if not k.startswith("budget/"):

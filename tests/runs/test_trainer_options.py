@@ -163,6 +163,13 @@ def test_trpo_refuses_several_processes(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def _needs_fsdp2():
+    from rlhf_lab.runs.builder import fsdp2_available
+
+    return pytest.mark.skipif(not fsdp2_available(), reason="FSDP2 needs torch >= 2.6")
+
+
+@_needs_fsdp2()
 def test_fsdp2_is_lightnings_model_parallel_strategy_over_every_process():
     from lightning.pytorch.strategies import ModelParallelStrategy
 
@@ -176,6 +183,7 @@ def test_fsdp2_is_lightnings_model_parallel_strategy_over_every_process():
     assert TrainerConfig(devices=2, strategy="ddp")._strategy() == "ddp"  # Lightning's names pass through
 
 
+@_needs_fsdp2()
 def test_fsdp2_refusals_are_one_line(tmp_path, capsys):
     line = _error(capsys, "fit", "sft", "--task", "arithmetic", "--out", str(tmp_path), "--trainer.devices", "auto",
                   "--trainer.strategy", "fsdp2")
