@@ -174,12 +174,48 @@ register(Algorithm(
                 minibatches=1, kl_in="reward", whiten_advantages=False),
     demo=dict(_DEMO_ONLINE, lr=2e-4, minibatches=4, kl_coef=0.1),
     demo_budget=150, paper="Kool et al. 2019; Ahmadian et al. 2024", docs="algorithms/rloo.md"))
+# GRPO's KL in the loss: "k3+" (k3's value, k2's gradient), whose expected gradient is the KL's.
+# The paper's k3 is `kl_estimator="k3"` (a biased gradient; see docs/algorithms/kl.md).
+_GRPO = dict(baseline="group_norm", samples_per_prompt=4, clip_ratio=0.2, ppo_epochs=1, minibatches=1,
+             kl_in="loss", kl_estimator="k3+", kl_coef=0.04, aggregation="seq_mean", whiten_advantages=False)
+_DEMO_GROUP = dict(_DEMO_ONLINE, lr=2e-4, minibatches=4, kl_coef=0.1)
 register(Algorithm(
-    "grpo", "online_rl", "group-normalised advantages, clipped ratio, k3 KL in the loss",
-    preset=dict(baseline="group_norm", samples_per_prompt=4, clip_ratio=0.2, ppo_epochs=1, minibatches=1,
-                kl_in="loss", kl_estimator="k3", kl_coef=0.04, aggregation="seq_mean", whiten_advantages=False),
-    demo=dict(_DEMO_ONLINE, lr=2e-4, minibatches=4, kl_coef=0.1),
+    "grpo", "online_rl", "group-normalised advantages, clipped ratio, KL in the loss",
+    preset=_GRPO, demo=_DEMO_GROUP,
     demo_budget=150, paper="Shao et al. 2024", docs="algorithms/grpo.md"))
+register(Algorithm(
+    "dr_grpo", "online_rl", "GRPO without the std division and with a constant length normaliser",
+    preset=dict(_GRPO, baseline="group_mean", aggregation="seq_mean_token_sum_norm"), demo=_DEMO_GROUP,
+    demo_budget=150, paper="Liu et al. 2025", docs="algorithms/dr_grpo.md"))
+register(Algorithm(
+    "dapo", "online_rl", "clip-higher, token mean, dynamic sampling, overlong penalty, no KL",
+    preset=dict(_GRPO, clip_ratio_high=0.28, aggregation="token_mean", dynamic_sampling=True,
+                overlong_buffer=0.2, kl_coef=0.0),
+    demo=dict(_DEMO_GROUP, kl_coef=0.0),
+    demo_budget=150, paper="Yu et al. 2025", docs="algorithms/dapo.md"))
+register(Algorithm(
+    "gspo", "online_rl", "sequence-level (geometric-mean) ratio, clipped per sequence",
+    preset=dict(_GRPO, ratio_level="sequence", clip_ratio=3e-4, clip_ratio_high=4e-4),
+    demo=_DEMO_GROUP, demo_budget=150, paper="Zheng et al. 2025", docs="algorithms/gspo.md"))
+register(Algorithm(
+    "cispo", "online_rl", "clipped, stopped importance weight on every token's log-prob gradient",
+    preset=dict(_GRPO, surrogate="cispo", clip_ratio=None, clip_ratio_high=0.28, aggregation="token_mean",
+                kl_coef=0.0),
+    demo=dict(_DEMO_GROUP, kl_coef=0.0),
+    demo_budget=150, paper="MiniMax 2025", docs="algorithms/cispo.md"))
+# REINFORCE++: k1 KL in each token's reward, returns to go, advantages whitened over the global
+# batch, PPO's clipped ratio; -baseline subtracts the group mean first.
+_REINFORCE_PP = dict(baseline="none", returns="to_go", samples_per_prompt=1, clip_ratio=0.2, ppo_epochs=1,
+                     minibatches=1, kl_in="reward", kl_estimator="k1", whiten_advantages=True)
+register(Algorithm(
+    "reinforce_pp", "online_rl", "REINFORCE++: k1 KL per token, returns to go, global whitening",
+    preset=_REINFORCE_PP, demo=dict(_DEMO_ONLINE, lr=1e-4, minibatches=4),
+    demo_budget=150, paper="Hu et al. 2025", docs="algorithms/reinforce_pp.md"))
+register(Algorithm(
+    "reinforce_pp_baseline", "online_rl", "REINFORCE++ with the group mean subtracted first",
+    preset=dict(_REINFORCE_PP, baseline="group_mean", samples_per_prompt=4),
+    demo=dict(_DEMO_ONLINE, lr=1e-4, minibatches=4),
+    demo_budget=150, paper="Hu et al. 2025", docs="algorithms/reinforce_pp.md"))
 register(Algorithm(
     "trpo", "online_rl", "natural-gradient step inside a KL trust region",
     preset=dict(baseline="leave_one_out", samples_per_prompt=4, update="trpo", kl_in="reward",
@@ -200,3 +236,15 @@ register(Algorithm(
     preset=dict(variant="sigmoid", beta=0.1),
     demo=dict(lr=2e-4, batch_size=64),
     demo_budget=60, paper="Guo et al. 2024", docs="algorithms/online_dpo.md"))
+register(Algorithm(
+    "orpo", "dpo", "odds-ratio preference term plus SFT on the chosen answers, no reference model",
+    # ORPO's L = L_SFT + λ L_OR: the SFT term is the stage's chosen-answer NLL (nll_coef = 1), λ is β.
+    preset=dict(variant="orpo", beta=0.1, nll_coef=1.0),
+    demo=dict(lr=2e-4, batch_size=32),
+    demo_budget=300, paper="Hong et al. 2024", docs="algorithms/orpo.md"))
+register(Algorithm(
+    "kto", "dpo", "prospect-theoretic loss on unpaired desirable / undesirable answers",
+    preset=dict(variant="kto", beta=0.1),
+    # Pairs split into two rows each: 64 rows a step see the answers of DPO's 32 pairs.
+    demo=dict(lr=2e-4, batch_size=64),
+    demo_budget=300, paper="Ethayarajh et al. 2024", docs="algorithms/kto.md"))

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf_lab.losses import BASELINES, gae, masked_whiten
+from rlhf_lab.losses import BASELINES, gae, masked_whiten, returns_to_go
 
 # Fields indexed along the batch dimension when a rollout is sliced or concatenated.
 _TOKEN_FIELDS = (
@@ -28,6 +28,8 @@ _TOKEN_FIELDS = (
     "rewards",
     "advantages",
     "returns",
+    "train_logprobs",
+    "is_weights",
 )
 _SEQ_FIELDS = ("scores", "gold_scores", "group_ids", "ended_with_eos")
 _TEXT_FIELDS = ("prompts", "completions")
@@ -55,6 +57,10 @@ class Rollout:
     returns: torch.Tensor | None = None
     group_ids: torch.Tensor | None = None
     ended_with_eos: torch.Tensor | None = None
+    # The trainer's log-probs of the sampled tokens before the update, and the importance weights
+    # π_train / π_sample they give (set by a rollout correction; see `OnlineRLConfig.rollout_correction`).
+    train_logprobs: torch.Tensor | None = None
+    is_weights: torch.Tensor | None = None
     prompts: list[str] = field(default_factory=list)
     completions: list[str] = field(default_factory=list)
 
@@ -193,6 +199,7 @@ class RolloutBuffer:
         lam: float = 0.95,
         whiten: bool = True,
         reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        returns: str = "sequence",
     ) -> Rollout:
         """Fill `advantages` and `returns` of the buffered rollout.
 
@@ -201,6 +208,12 @@ class RolloutBuffer:
         per-sequence `rewards` summed over the response, grouped by the rollout's `group_ids`
         (rows with one id are the samples of one prompt, wherever they sit in the batch), and
         broadcast to every response token.
+
+        `returns="to_go"` (REINFORCE++, Hu et al. 2025) gives each token its own return instead:
+        A_t = G_t − b_i, with G_t the return-to-go of the per-token rewards (`losses.returns_to_go`,
+        `gamma`) and b_i the baseline the estimator subtracts from row i's sequence return
+        (0 for `none`, the group mean for `group_mean`: REINFORCE++-baseline); `returns` then
+        holds G_t. It needs an estimator that subtracts a baseline (not `gae` or `group_norm`).
 
         `reduce`: when this buffer holds one process's part of a batch spread over several (the
         groups of a prompt always on one process), a function summing a tensor over the
@@ -214,7 +227,7 @@ class RolloutBuffer:
         if estimator == "gae":
             if data.values is None:
                 raise ValueError("estimator 'gae' needs rollout.values (a critic)")
-            advantages, returns = gae(data.rewards, data.values, mask, gamma=gamma, lam=lam)
+            advantages, returns_ = gae(data.rewards, data.values, mask, gamma=gamma, lam=lam)
         elif estimator in BASELINES:
             if data.group_ids is None:
                 raise ValueError(f"estimator '{estimator}' needs rollout.group_ids (Policy.generate sets them)")
@@ -223,8 +236,18 @@ class RolloutBuffer:
             if estimator == "batch_mean" and reduce is not None:  # the global batch's mean
                 count = reduce(torch.tensor(float(len(seq_return)), dtype=seq_return.dtype, device=mask.device))
                 seq_adv = seq_return - reduce(seq_return.sum()) / count
-            advantages = seq_adv[:, None] * mask
-            returns = seq_return[:, None] * mask
+            if returns == "to_go":
+                if estimator == "group_norm":
+                    raise ValueError("returns='to_go' subtracts a baseline; 'group_norm' also divides by the std")
+                to_go = returns_to_go(data.rewards, mask, gamma=gamma)
+                baseline = seq_return - seq_adv  # what the estimator subtracted from each row
+                advantages = (to_go - baseline[:, None]) * mask
+                returns_ = to_go
+            elif returns == "sequence":
+                advantages = seq_adv[:, None] * mask
+                returns_ = seq_return[:, None] * mask
+            else:
+                raise ValueError(f"returns must be 'sequence' or 'to_go', got {returns!r}")
         else:
             raise ValueError(
                 f"unknown advantage estimator '{estimator}'; choose from: "
@@ -233,7 +256,7 @@ class RolloutBuffer:
         if whiten:
             advantages = masked_whiten(advantages, mask, shift_mean=True, reduce=reduce)
         data.advantages = advantages
-        data.returns = returns
+        data.returns = returns_
         return data
 
     def minibatches(

@@ -138,3 +138,27 @@ def test_concat_keeps_groups_of_different_rollouts_apart():
     single = RolloutBuffer(pad_token_id=0)
     single.add(_scored([1.0, 2.0], [4, 4]))
     assert single.data.group_ids.tolist() == [4, 4]  # one rollout keeps its own ids
+
+
+def test_returns_to_go_subtract_the_sequence_baseline_from_each_tokens_return():
+    # REINFORCE++: per-token rewards (KL per token, the score on the last), responses in columns 2..4.
+    buffer = RolloutBuffer(pad_token_id=0)
+    r = _rollout(b=4)
+    r.rewards[:, 2:] = torch.tensor([[-0.1, -0.1, 1.0], [0.0, -0.2, 0.0], [-0.1, 0.0, 3.0], [0.0, 0.0, 1.0]])
+    r.group_ids = torch.tensor([0, 0, 1, 1])
+    buffer.add(r)
+    data = buffer.compute_advantages("none", whiten=False, returns="to_go")
+    # Returns to go of row 0: (−0.1 − 0.1 + 1, −0.1 + 1, 1) = (0.8, 0.9, 1.0); no baseline.
+    torch.testing.assert_close(data.advantages[0, 2:], torch.tensor([0.8, 0.9, 1.0]))
+    torch.testing.assert_close(data.returns[1, 2:], torch.tensor([-0.2, -0.2, 0.0]))
+    assert (data.advantages[:, :2] == 0).all()
+    data = buffer.compute_advantages("group_mean", whiten=False, returns="to_go")
+    # REINFORCE++-baseline: group 0's sequence returns 0.8 and −0.2 have mean 0.3, subtracted from
+    # every return to go of the group: row 0 (0.5, 0.6, 0.7), row 1 (−0.5, −0.5, −0.3).
+    torch.testing.assert_close(data.advantages[0, 2:], torch.tensor([0.5, 0.6, 0.7]))
+    torch.testing.assert_close(data.advantages[1, 2:], torch.tensor([-0.5, -0.5, -0.3]))
+    # Sequence returns instead: every token of row 0 gets 0.8 − 0.3 = 0.5.
+    data = buffer.compute_advantages("group_mean", whiten=False)
+    torch.testing.assert_close(data.advantages[0, 2:], torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="'group_norm' also divides"):
+        buffer.compute_advantages("group_norm", returns="to_go")

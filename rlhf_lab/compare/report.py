@@ -191,13 +191,20 @@ def _settings(config: CompareConfig) -> list[str]:
             lines.append(f"- `{alg}`: pairs from the budget's SFT samples ranked by the proxy (at most "
                          f"{config.dpo_max_pairs_per_prompt} per prompt), then {demo.budget(alg)} optimiser "
                          f"steps of {c.variant} DPO, β = {c.beta}, NLL coefficient {c.nll_coef} (RPO), "
-                         f"lr {c.lr:g}, batch {c.batch_size} pairs")
+                         f"lr {c.lr:g}, batch {c.batch_size} "
+                         + ("rows (KTO splits each pair into two)" if c.variant == "kto" else "pairs"))
         elif entry.stage == "online_dpo":
             lines.append(f"- `{alg}`: {c.batch_size} prompts × 2 responses per iteration ranked by the proxy, "
                          f"{c.variant} DPO, β = {c.beta}, lr {c.lr:g}")
         else:
-            kl = f"KL (k{c.kl_estimator[-1]}) in the {c.kl_in}, β = {c.kl_coef}"
-            clip = "no clipping" if c.clip_ratio is None else f"clip ε = {c.clip_ratio}"
+            kl = f"KL ({c.kl_estimator}) in the {c.kl_in}, β = {c.kl_coef}"
+            if c.surrogate == "cispo":
+                clip = f"CISPO weight clipped at 1 + {c.clip_ratio_high}"
+            elif c.clip_ratio is None:
+                clip = "no clipping"
+            else:
+                high = "" if c.clip_ratio_high is None else f", ε_high = {c.clip_ratio_high}"
+                clip = f"clip ε = {c.clip_ratio}{high}" + ("" if c.dual_clip is None else f", dual clip {c.dual_clip}")
             critic = f", critic lr {c.critic_lr:g}, vf_coef {c.vf_coef}" if c.baseline == "critic" else ""
             update = (f"{c.ppo_epochs} epoch(s) × {c.minibatches} minibatch(es)" if c.update == "gradient"
                       else f"one TRPO step (max_kl {c.max_kl}, {c.cg_iters} CG iterations)")
@@ -390,12 +397,16 @@ def _budget_text(config: CompareConfig) -> str:
             "(`rlhf_lab.stages.common.Budget`). The online algorithms stop at the first iteration at which "
             "the counter reaches the budget, so a run may overshoot by less than one iteration (the table "
             "shows what each spent).")
-    if "dpo" in config.algorithms:
-        text += (f" DPO is offline: before training it samples responses from the SFT policy in the online "
-                 f"algorithms' batches ({shared.prompts_per_step} prompts × {shared.samples_per_prompt} "
-                 "responses, temperature 1) until the same counter reaches the budget, ranks each prompt's "
-                 "distinct responses with the proxy reward model into chosen/rejected pairs, and trains on "
-                 f"them for {demo.budget('dpo')} optimiser steps. Those steps sample nothing, so they are not "
+    offline = [a for a in config.algorithms if get_algorithm(a).stage == "dpo"]  # dpo and its variants
+    if offline:
+        text += (f" DPO ({', '.join(offline)}) is offline: before training it samples responses from the SFT "
+                 f"policy in the online algorithms' batches ({shared.prompts_per_step} prompts × "
+                 f"{shared.samples_per_prompt} responses, temperature 1) until the same counter reaches the "
+                 "budget, ranks each prompt's distinct responses with the proxy reward model into "
+                 f"chosen/rejected pairs, and trains on them for "
+                 + (f"{demo.budget(offline[0])} optimiser steps. " if len({demo.budget(a) for a in offline}) == 1
+                    else "the optimiser steps listed below. ") +
+                 "Those steps sample nothing, so they are not "
                  "counted; DPO's budget is the samples (or tokens) it drew, and its wall time includes the "
                  "sampling. In the budget plot DPO is a start and an end point, not a curve.")
     if "online_dpo" in config.algorithms:

@@ -12,13 +12,15 @@ import importlib
 # name -> the submodule that defines it
 _EXPORTS = {
     **dict.fromkeys(
-        ["PackedTextDataset", "PreferenceDataset", "SFTDataset", "pad_collate", "preference_collate"],
+        ["PackedTextDataset", "PreferenceDataset", "SFTDataset", "UnpairedDataset", "pad_collate",
+         "preference_collate", "unpaired_collate"],
         "datasets",
     ),
     **dict.fromkeys(
         ["DataError", "GSM8KJudge", "LoadReport", "Rows", "gsm8k_reward", "load_alpaca", "load_dolly",
          "load_gsm8k", "load_gsm8k_solution_pairs", "load_hh", "load_jsonl_rows", "load_preference_rows",
-         "load_prompt_completion", "load_prompts", "load_text", "train_val_split"],
+         "load_prompt_completion", "load_prompts", "load_text", "load_unpaired_rows", "train_val_split",
+         "unpair"],
         "loaders",
     ),
     **dict.fromkeys(["FORMATS", "STAGE_KINDS"], "formats"),

@@ -1,4 +1,5 @@
-"""Token datasets and collators for the stages: packed text, SFT pairs, preference pairs, prompts.
+"""Token datasets and collators for the stages: packed text, SFT pairs, preference pairs, unpaired
+feedback, prompts.
 
 Truncation is never silent: each dataset counts the rows it truncated (`n_truncated`) and logs it.
 """
@@ -6,6 +7,7 @@ Truncation is never silent: each dataset counts the rows it truncated (`n_trunca
 from __future__ import annotations
 
 import logging
+import random
 
 import torch
 from torch.utils.data import Dataset
@@ -100,6 +102,52 @@ class PreferenceDataset(Dataset):
         return {"chosen": self.chosen[i], "rejected": self.rejected[i]}
 
 
+class UnpairedDataset(Dataset):
+    """`prompt`/`completion`/`label` rows (KTO): each row's tokens and its label (True = desirable),
+    and a mismatched sequence for KTO's reference point z0: the row's prompt followed by another
+    row's completion.
+
+    The other row is fixed when the dataset is built: the next row, in an order shuffled with
+    `seed`, whose prompt differs (looking up to `MAX_LOOKAHEAD` rows ahead; else simply the next
+    row, as when every row shares one prompt). Fixed per row, the estimate of z0 over a batch
+    depends only on which rows the batch holds, not on how it is split into micro-batches or
+    ranks, and the reference log-probs of the mismatched sequences can be precomputed like the
+    rows'. Items: `{"row", "mismatched"}` (SFT items) and `label`.
+    """
+
+    MAX_LOOKAHEAD = 16
+
+    def __init__(self, rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_length: int = 128, seed: int = 0):
+        for i, row in enumerate(rows):
+            if not isinstance(row.get("label"), bool):
+                raise ValueError(f"unpaired row {i}: field 'label' must be a boolean (True = desirable, "
+                                 f"False = undesirable), got {row.get('label')!r}")
+        self.rows = SFTDataset(rows, tokenizer, max_length)
+        self.partners = self._partners([r["prompt"] for r in rows], seed)
+        self.mismatched = SFTDataset([{"prompt": r["prompt"], "completion": rows[j]["completion"]}
+                                      for r, j in zip(rows, self.partners, strict=True)], tokenizer, max_length)
+        self.labels = [row["label"] for row in rows]
+        self.n_truncated = self.rows.n_truncated
+
+    @classmethod
+    def _partners(cls, prompts: list[str], seed: int) -> list[int]:
+        """For each row, the row whose completion its mismatched sequence takes."""
+        n = len(prompts)
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        partners = [0] * n
+        for k, i in enumerate(order):
+            ahead = [order[(k + step) % n] for step in range(1, min(n, cls.MAX_LOOKAHEAD + 1))]
+            partners[i] = next((j for j in ahead if prompts[j] != prompts[i]), ahead[0] if ahead else i)
+        return partners
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"row": self.rows[i], "mismatched": self.mismatched[i], "label": self.labels[i]}
+
+
 def pad_collate(items: list[dict], pad_token_id: int) -> dict:
     """Right-pad `input_ids`, `attention_mask`, `loss_mask` to the longest item. Shape: (B, T)."""
     width = max(item["input_ids"].shape[0] for item in items)
@@ -114,3 +162,13 @@ def pad_collate(items: list[dict], pad_token_id: int) -> dict:
 def preference_collate(items: list[dict], pad_token_id: int) -> dict:
     """Chosen rows then rejected rows in one padded batch of 2B (one forward pass for both)."""
     return pad_collate([i["chosen"] for i in items] + [i["rejected"] for i in items], pad_token_id)
+
+
+def unpaired_collate(items: list[dict], pad_token_id: int) -> dict:
+    """The rows as one padded batch (B, T), their mismatched sequences as another under `kl_` keys
+    (`kl_input_ids`, `kl_attention_mask`, `kl_loss_mask`: (B, T')), and `label` (B,) bool."""
+    batch = pad_collate([i["row"] for i in items], pad_token_id)
+    mismatched = pad_collate([i["mismatched"] for i in items], pad_token_id)
+    batch.update({f"kl_{key}": value for key, value in mismatched.items()})
+    batch["label"] = torch.tensor([i["label"] for i in items], dtype=torch.bool)
+    return batch

@@ -18,6 +18,7 @@ FORMATS = {
     "preference": "preference",
     "hh": "preference",
     "gsm8k_pairs": "preference",
+    "unpaired": "unpaired",
     "prompts": "prompts",
 }
 # stage -> the row kinds it accepts (online stages take the prompts of any row kind that has them)
@@ -25,8 +26,8 @@ STAGE_KINDS = {
     "pretrain": ("text",),
     "sft": ("sft",),
     "reward_model": ("preference",),
-    "dpo": ("preference",),
-    "online_rl": ("prompts", "sft", "preference"),
-    "ppo": ("prompts", "sft", "preference"),
-    "online_dpo": ("prompts", "sft", "preference"),
+    "dpo": ("preference", "unpaired"),  # unpaired rows: variant kto only (FitConfig checks)
+    "online_rl": ("prompts", "sft", "preference", "unpaired"),
+    "ppo": ("prompts", "sft", "preference", "unpaired"),
+    "online_dpo": ("prompts", "sft", "preference", "unpaired"),
 }

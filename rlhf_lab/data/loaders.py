@@ -8,6 +8,9 @@ skipped. The rows feed `rlhf_lab.data.datasets`:
   `load_gsm8k`, which adds `"gold"`) -> `SFTDataset`
 - preferences: `{"prompt", "chosen", "rejected"}` (`load_preference_rows`, `load_hh`,
   `load_gsm8k_solution_pairs`) -> `PreferenceDataset`
+- unpaired feedback: `{"prompt", "completion", "label"}`, label true = desirable, false =
+  undesirable (`load_unpaired_rows`; `unpair` splits preference pairs into such rows) ->
+  `UnpairedDataset` (KTO)
 - pretraining: strings (`load_text`) -> `PackedTextDataset`
 - RL: strings (`load_prompts`)
 
@@ -65,8 +68,10 @@ __all__ = [
     "load_prompt_completion",
     "load_prompts",
     "load_text",
+    "load_unpaired_rows",
     "normalize_number",
     "train_val_split",
+    "unpair",
 ]
 
 log = logging.getLogger(__name__)
@@ -384,6 +389,56 @@ def load_preference_rows(
                  "rejected": _get(r, "rejected", nonempty=True)}]
 
     return _load(path, convert, on_error, split, config)
+
+
+def _label(record: dict) -> bool:
+    """`record["label"]` as a JSON boolean; `_FieldError` if missing or anything else (1, "yes")."""
+    if record.get("label") is None:
+        raise _FieldError("label", "missing (true = desirable, false = undesirable)")
+    if not isinstance(record["label"], bool):
+        raise _FieldError("label", f"must be a boolean, true (desirable) or false (undesirable), got "
+                                   f"{type(record['label']).__name__} {record['label']!r}")
+    return record["label"]
+
+
+def load_unpaired_rows(
+    path: str | os.PathLike,
+    *,
+    on_error: OnError = "raise",
+    split: str = "train",
+    config: str | None = None,
+) -> Rows:
+    """`{"prompt", "completion", "label"}` rows of unpaired feedback (KTO), taken as they are.
+
+    label is a JSON boolean: true for a desirable completion, false for an undesirable one. The
+    completion must not be blank; the prompt may be empty.
+    """
+    def convert(r: dict) -> list[dict]:
+        return [{"prompt": _get(r, "prompt"), "completion": _get(r, "completion", nonempty=True),
+                 "label": _label(r)}]
+
+    return _load(path, convert, on_error, split, config)
+
+
+def unpair(rows: Iterable[dict]) -> Rows:
+    """Unpaired rows from rows that are pairs or unpaired already, in order: each
+    `{"prompt", "chosen", "rejected"}` pair gives a desirable `{"prompt", "completion": chosen,
+    "label": True}` row then an undesirable one with its rejected answer; each `{"prompt",
+    "completion", "label"}` row is kept as it is. Other fields are dropped. A row that is neither
+    raises ValueError naming its index. The report of `rows` (if any) is kept.
+    """
+    out = []
+    for i, row in enumerate(rows):
+        if isinstance(row, dict) and "chosen" in row and "rejected" in row:
+            out.append({"prompt": row["prompt"], "completion": row["chosen"], "label": True})
+            out.append({"prompt": row["prompt"], "completion": row["rejected"], "label": False})
+        elif isinstance(row, dict) and "completion" in row and "label" in row:
+            out.append({"prompt": row["prompt"], "completion": row["completion"], "label": row["label"]})
+        else:
+            keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+            raise ValueError(f"row {i} is neither a preference pair (prompt, chosen, rejected) nor an unpaired "
+                             f"row (prompt, completion, label); got {keys}")
+    return Rows(out, getattr(rows, "report", None))
 
 
 def load_prompts(

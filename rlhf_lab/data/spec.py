@@ -11,7 +11,8 @@ This is how YAML configs and the CLI reach the loaders of `rlhf_lab.data.loaders
 Each format yields one kind of row, and each stage takes certain kinds (`STAGE_KINDS`):
 text documents (pretraining), prompt/completion rows (SFT; their prompts also serve as RL
 prompts), prompt/chosen/rejected rows (reward model, DPO; their prompts also serve as RL
-prompts), and prompts alone (online RL).
+prompts), prompt/completion/label rows of unpaired feedback (DPO's variant kto; their prompts
+also serve as RL prompts), and prompts alone (online RL).
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class DataConfig:
 
     @property
     def kind(self) -> str:
-        """The kind of row this format yields: text, sft, preference or prompts."""
+        """The kind of row this format yields: text, sft, preference, unpaired or prompts."""
         return FORMATS[self.format]
 
 
@@ -82,7 +83,8 @@ def _read(config: DataConfig, path: str) -> Rows:
     if c.format == "prompts":
         return loaders.load_prompts(path, c.prompt_field, **kw)
     readers = {"dolly": loaders.load_dolly, "alpaca": loaders.load_alpaca, "gsm8k": loaders.load_gsm8k,
-               "preference": loaders.load_preference_rows, "hh": loaders.load_hh}
+               "preference": loaders.load_preference_rows, "hh": loaders.load_hh,
+               "unpaired": loaders.load_unpaired_rows}
     return readers[c.format](path, **kw)
 
 

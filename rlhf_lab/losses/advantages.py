@@ -1,4 +1,4 @@
-"""Advantage estimators: GAE for token-level critics, REINFORCE baselines for sequence scores."""
+"""Advantage estimators: GAE for token-level critics, returns-to-go, REINFORCE baselines for sequence scores."""
 
 from __future__ import annotations
 
@@ -18,10 +18,12 @@ from rlhf_lab.losses.masked import masked_whiten
 
 __all__ = [
     "gae",
+    "returns_to_go",
     "baseline_none",
     "baseline_batch_mean",
     "baseline_leave_one_out",
     "baseline_group_norm",
+    "baseline_group_mean",
     "BASELINES",
     "contiguous_group_ids",
     "reinforce_advantages",
@@ -90,6 +92,36 @@ def gae(
     advantages = torch.where(m != 0, advantages, 0.0)
     returns = torch.where(m != 0, advantages + values, 0.0)
     return advantages.to(out_dtype), returns.to(out_dtype)
+
+
+def returns_to_go(rewards: torch.Tensor, response_mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Discounted return-to-go of each response token: the sum of the rewards from it onwards.
+
+    Formula: with m = response_mask,
+        G_t = m_t * sum_{s >= t} gamma^(s - t) * m_s * r_s
+    Computed without a loop over time as G = (m r) @ D^T with the (T, T) upper-triangular discount
+    matrix D[t, s] = gamma^(s - t), s >= t (as in gae). For a response that is one contiguous run
+    of ones this is the usual discounted return to the end of the response; rewards outside the
+    mask are ignored (they may hold anything, inf included). With the score on the last token and
+    a per-token KL penalty (shape_rewards) and gamma = 1, G_t is the score minus the KL of tokens
+    t.. onwards: REINFORCE++'s token-level return, whose advantage is G_t normalised over the batch.
+    The function does not detach; call it on detached rewards (rollout time).
+    Reference: Hu et al. 2025, "REINFORCE++: An Efficient RLHF Algorithm with Robustness to Both
+    Prompt and Reward Models" (arXiv:2501.03262); Williams 1992, "Simple Statistical
+    Gradient-Following Algorithms for Connectionist Reinforcement Learning" (Machine Learning 8).
+
+    Shape: rewards (B, T), response_mask (B, T). Returns (B, T) in rewards' dtype, 0 outside the mask.
+    """
+    check_ndim("rewards", rewards, 2, "(B, T)")
+    check_same_shape("rewards", rewards, response_mask=response_mask)
+    check_unit_interval("gamma", gamma)
+    # bf16/fp16 cannot hold gamma^k or long discounted sums accurately.
+    dtype = torch.promote_types(rewards.dtype, torch.float32)
+    inside, m = response_mask != 0, response_mask.to(dtype)
+    masked = torch.where(inside, rewards.to(dtype) * m, 0.0)
+    discount = _discount_matrix(gamma, rewards.shape[1], dtype, rewards.device)
+    to_go = torch.einsum("ts,bs->bt", discount, masked)
+    return torch.where(inside, m * to_go, 0.0).to(rewards.dtype)
 
 
 def _group_index(scores: torch.Tensor, group_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,14 +210,25 @@ def baseline_leave_one_out(scores: torch.Tensor, group_ids: torch.Tensor) -> tor
     return (scores - _group_mean(scores, index, sizes)) * (n / (n - 1))
 
 
+def _constant_groups(scores: torch.Tensor, index: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """Whether each row's group holds one value only (max == min). Shape: (B,) -> (B,) bool."""
+    values, k = scores.detach(), sizes.shape[0]
+    high = values.new_empty(k).scatter_reduce_(0, index, values, reduce="amax", include_self=False)
+    low = values.new_empty(k).scatter_reduce_(0, index, values, reduce="amin", include_self=False)
+    return (high == low)[index]
+
+
 def baseline_group_norm(scores: torch.Tensor, group_ids: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """GRPO: standardise each score within the group of samples for its prompt.
 
     Formula: A_i = (R_i - mean_{g(i)} R) / (std_{g(i)} R + eps), with g(i) the rows sharing row
         i's group id and std the population standard deviation sqrt(1/n sum_j (R_j - mean)^2)
         (unbiased=False), so a group of two scores {a, b} maps to {+1, -1} (up to eps) and a
-        group of one is defined (gives 0). A group with identical scores gives 0. Groups may sit
-        anywhere in the batch and differ in size.
+        group of one is defined (gives 0). Groups may sit anywhere in the batch and differ in size.
+        A group whose scores are all equal (max == min) gives exactly A = 0, whatever eps (0
+        included): in floating point its mean can differ from the scores by an ulp, and that
+        rounding error divided by a std of a few ulps plus eps would be a spurious advantage (or
+        NaN with eps = 0).
     Reference: Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
     Open Language Models" (arXiv:2402.03300), outcome supervision in GRPO.
 
@@ -195,7 +238,28 @@ def baseline_group_norm(scores: torch.Tensor, group_ids: torch.Tensor, eps: floa
     check_positive("eps", eps, allow_zero=True)
     centered = scores - _group_mean(scores, index, sizes)
     std = _group_mean(centered**2, index, sizes).sqrt()
-    return centered / (std + eps)
+    constant = _constant_groups(scores, index, sizes)
+    # The denominator of a constant group is replaced by 1 so nothing (not even backward) sees 0/0.
+    scaled = centered / torch.where(constant, torch.ones_like(std), std + eps)
+    return torch.where(constant, torch.zeros_like(scaled), scaled)
+
+
+def baseline_group_mean(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Dr. GRPO: subtract the mean score of the group of samples for the same prompt (no std).
+
+    Formula: A_i = R_i - mean_{g(i)} R, with g(i) the rows sharing row i's group id. Unlike
+        group_norm there is no division by the group's std, which would weigh prompts that are
+        nearly always (or never) solved more heavily. A group whose scores are all equal gives
+        exactly 0 (its floating-point mean may be an ulp off the scores). Groups may sit anywhere
+        in the batch and differ in size; a group of one gives 0.
+    Reference: Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective"
+    (arXiv:2503.20783), Dr. GRPO.
+
+    Shape: scores (B,), group_ids (B,) integer (rows with equal ids come from one prompt) -> (B,).
+    """
+    index, sizes = _group_index(scores, group_ids)
+    centered = scores - _group_mean(scores, index, sizes)
+    return torch.where(_constant_groups(scores, index, sizes), torch.zeros_like(centered), centered)
 
 
 BASELINES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -203,6 +267,7 @@ BASELINES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "batch_mean": baseline_batch_mean,
     "leave_one_out": baseline_leave_one_out,
     "group_norm": baseline_group_norm,
+    "group_mean": baseline_group_mean,
 }
 
 
@@ -212,7 +277,8 @@ def reinforce_advantages(
     """Per-sequence REINFORCE advantages with the baseline chosen by name from BASELINES.
 
     Formula: see baseline_none ("none"), baseline_batch_mean ("batch_mean"),
-        baseline_leave_one_out ("leave_one_out"), baseline_group_norm ("group_norm").
+        baseline_leave_one_out ("leave_one_out"), baseline_group_norm ("group_norm"),
+        baseline_group_mean ("group_mean").
     Reference: Williams 1992, "Simple Statistical Gradient-Following Algorithms for
     Connectionist Reinforcement Learning" (Machine Learning 8), and the per-baseline papers.
 

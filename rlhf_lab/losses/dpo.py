@@ -1,8 +1,9 @@
-"""Direct preference losses on sequence log-probs: DPO, IPO, hinge, robust DPO and SimPO.
+"""Direct preference losses on sequence log-probs: DPO, IPO, hinge, robust DPO, SimPO and ORPO.
 
 Every variant is a small function with the same keyword interface (it accepts and ignores the
 arguments it does not use), picked by name from DPO_LOSSES, so a new one is one more entry, not
 one more branch. Inputs are per-sequence sums of the response-token log-probs, shape (B,).
+KTO learns from unpaired rows rather than pairs and has its own file, `kto.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "dpo_robust",
     "dpo_robust_unbiased",
     "simpo",
+    "orpo",
     "chosen_nll",
     "DPO_LOSSES",
     "preference_loss",
@@ -342,6 +344,57 @@ def simpo(
     return loss, _metrics(loss, chosen_rewards, rejected_rewards)
 
 
+def _log_odds(mean_logps: torch.Tensor) -> torch.Tensor:
+    """log(p / (1 - p)) of p = exp(mean_logps) <= 1, computed stably in log space.
+
+    log(1 - e^x) is log(-expm1(x)) near 0 (x > -log 2) and log1p(-e^x) below, each accurate where
+    the other loses digits. x is capped at -1e-6: a completion the model is sure of (p = 1) would
+    have infinite odds, and an infinite log-odds a NaN gradient.
+    """
+    x = mean_logps.clamp(max=-1e-6)
+    log1m = torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+    return x - log1m
+
+
+def orpo(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    chosen_lengths: torch.Tensor | None,
+    rejected_lengths: torch.Tensor | None,
+    beta: float = 0.1,
+    **_: object,
+) -> LossOut:
+    """ORPO's odds-ratio term: reference-free logistic loss on the log odds ratio of the answers.
+
+    Formula: P_c = exp(pi_c / len_c), P_r = exp(pi_r / len_r) (the per-token mean likelihoods)
+        log odds(y) = log P - log(1 - P)
+        h = log odds(y_c) - log odds(y_r)
+        loss = mean_b( -beta log sigmoid(h) ), computed as -logsigmoid; beta is the paper's
+        lambda (0.1). ORPO's SFT term, the mean per-token NLL of the chosen answer, is the
+        dispatcher's nll_coef (preference_loss with nll_coef = 1): L = L_SFT + lambda L_OR.
+        log(1 - P) is computed as log(-expm1(.)) / log1p(-exp(.)), and the mean log-probs are
+        capped at -1e-6 so that P = 1 keeps a finite loss and gradient.
+    Metrics (detached): rewards_chosen = mean beta pi_c / len_c, rewards_rejected = mean
+    beta pi_r / len_r (beta times the mean per-token log-prob, as TRL logs them), reward_margin =
+    mean of their difference, reward_accuracy = fraction with r_c > r_r, log_odds_ratio = mean h,
+    loss. No reference model: ref_* arguments, if passed, are ignored. The lengths are treated
+    as constants (detached).
+    Reference: Hong, Lee & Thorne 2024, "ORPO: Monolithic Preference Optimization without
+    Reference Model" (arXiv:2403.07691).
+
+    Shape: policy_chosen_logps, policy_rejected_logps (B,), chosen_lengths and rejected_lengths
+    (B,) float or int, > 0. Other keyword arguments are ignored. Returns (loss scalar, metrics).
+    """
+    check_positive("beta", beta)
+    _check_policy(policy_chosen_logps, policy_rejected_logps)
+    len_c, len_r = _lengths("orpo", policy_chosen_logps, chosen_lengths, rejected_lengths)
+    mean_c, mean_r = policy_chosen_logps / len_c, policy_rejected_logps / len_r
+    log_odds_ratio = _log_odds(mean_c) - _log_odds(mean_r)
+    loss = -beta * F.logsigmoid(log_odds_ratio).mean()
+    metrics = _metrics(loss, beta * mean_c, beta * mean_r)
+    return loss, {**metrics, "log_odds_ratio": log_odds_ratio.detach().mean()}
+
+
 def chosen_nll(policy_chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
     """Length-normalised negative log-likelihood of the chosen responses.
 
@@ -367,6 +420,7 @@ DPO_LOSSES: dict[str, Callable[..., LossOut]] = {
     "robust": dpo_robust,
     "robust_unbiased": dpo_robust_unbiased,
     "simpo": simpo,
+    "orpo": orpo,
 }
 
 
@@ -386,17 +440,19 @@ def preference_loss(
     """Direct preference loss with the variant chosen by name from DPO_LOSSES.
 
     Formula: see dpo_sigmoid ("sigmoid"), dpo_ipo ("ipo"), dpo_hinge ("hinge"), dpo_robust
-        ("robust"), dpo_robust_unbiased ("robust_unbiased"), simpo ("simpo").
-        beta None uses the variant's own default (0.1 for the DPO family, 2.0 for SimPO).
+        ("robust"), dpo_robust_unbiased ("robust_unbiased"), simpo ("simpo"), orpo ("orpo").
+        beta None uses the variant's own default (0.1 for the DPO family and ORPO, 2.0 for SimPO).
         Every argument is forwarded by keyword; a variant ignores the ones it does not use
-        (label_smoothing outside the robust variants, gamma outside simpo, lengths outside ipo
-        and simpo, reference log-probs in simpo) and raises ValueError for a missing one.
+        (label_smoothing outside the robust variants, gamma outside simpo, lengths outside ipo,
+        simpo and orpo, reference log-probs in simpo and orpo) and raises ValueError for a
+        missing one.
         nll_coef α > 0 adds α · chosen_nll (RPO; needs chosen_lengths) to any variant:
         L = L_variant + α · L_NLL, and the metrics gain "nll".
     Reference: see the variant functions and chosen_nll.
 
     Shape: log-probs and lengths (B,). Returns (loss scalar, {"rewards_chosen",
-    "rewards_rejected", "reward_margin", "reward_accuracy", "loss"}).
+    "rewards_rejected", "reward_margin", "reward_accuracy", "loss"}, plus "log_odds_ratio" for
+    orpo and "nll" with nll_coef > 0).
     """
     check_choice("variant", variant, DPO_LOSSES)
     options: dict[str, float] = {"label_smoothing": label_smoothing, "gamma": gamma}

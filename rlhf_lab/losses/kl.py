@@ -12,6 +12,7 @@ __all__ = [
     "kl_k1",
     "kl_k2",
     "kl_k3",
+    "kl_k3_plus",
     "KL_ESTIMATORS",
     "kl_penalty",
     "FixedKLController",
@@ -47,6 +48,8 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 estimator of KL(pi || pi_ref): unbiased, low variance and always >= 0.
 
     Formula: with d = log pi_ref(x) - log pi(x), k3 = exp(d) - d - 1.
+    Its value is unbiased, its gradient in a loss is not: E_pi[grad k3] = grad KL(pi_ref || pi)
+    (see kl_k3_plus, and kl_loss's importance weighting).
     Reference: Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
 
     Shape: logprobs (B, T), ref_logprobs (B, T) -> (B, T) (any equal shapes work, elementwise).
@@ -58,10 +61,41 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return torch.expm1(d) - d
 
 
+def kl_k3_plus(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3's value with k2's gradient: the KL-in-loss estimator whose gradient is that of KL(pi || pi_ref).
+
+    Formula: k3+ = sg(k3) + (k2 - sg(k2))   (sg = stop-gradient: the value is exactly k3, the
+        gradient is exactly grad k2; a straight-through combination).
+    Why: a KL estimate placed in the loss is differentiated with the sampled tokens held fixed,
+        so what matters is E_{x~pi}[grad k(x)], not E_{x~pi}[k(x)]. With d = log pi_ref - log pi:
+          grad k3 = (1 - e^d) grad log pi = (1 - pi_ref/pi) grad log pi, so
+          E_pi[grad k3] = sum_x pi grad log pi - sum_x pi_ref grad log pi
+                        = grad sum_x pi - sum_x pi_ref grad log pi = 0 + grad KL(pi_ref || pi),
+        the gradient of the forward KL (KL(pi_ref || pi) = sum pi_ref log pi_ref - sum pi_ref
+        log pi, and only the second term depends on pi), not of KL(pi || pi_ref) that k3's value
+        estimates without bias. Whereas
+          grad k2 = (log pi - log pi_ref) grad log pi, and
+          E_pi[grad k2] = sum_x pi (log pi - log pi_ref) grad log pi = grad KL(pi || pi_ref)
+        (grad sum_x pi (log pi - log pi_ref) = sum_x grad pi (log pi - log pi_ref) + sum_x grad pi,
+        and sum_x grad pi = 0). So k3+ reports the unbiased, non-negative k3 and steers by the
+        exact reverse-KL gradient (on-policy; see kl_loss for samples from an older policy).
+        (k1 in the loss has E_pi[grad k1] = E_pi[grad log pi] = 0: no gradient in expectation.)
+    Reference: Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+    (the estimators); Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation
+    for RL" (arXiv:2506.09477) (differentiating a KL estimate is not estimating the KL gradient).
+
+    Shape: logprobs (B, T), ref_logprobs (B, T) -> (B, T) (any equal shapes work, elementwise).
+    """
+    check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs)
+    k2 = kl_k2(logprobs, ref_logprobs)
+    return kl_k3(logprobs, ref_logprobs).detach() + (k2 - k2.detach())
+
+
 KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "k1": kl_k1,
     "k2": kl_k2,
     "k3": kl_k3,
+    "k3+": kl_k3_plus,
 }
 
 
@@ -70,7 +104,7 @@ def kl_penalty(
 ) -> torch.Tensor:
     """Per-token KL(pi || pi_ref) estimate with the estimator chosen by name from KL_ESTIMATORS.
 
-    Formula: see kl_k1 ("k1"), kl_k2 ("k2"), kl_k3 ("k3").
+    Formula: see kl_k1 ("k1"), kl_k2 ("k2"), kl_k3 ("k3"), kl_k3_plus ("k3+").
     Reference: Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
 
     Shape: logprobs (B, T), ref_logprobs (B, T) -> (B, T).

@@ -1,4 +1,5 @@
-"""The online RL objective: per-token reward shaping, the KL-in-loss term, and the combined loss.
+"""The online RL objective: per-token reward shaping, the overlong penalty, the KL-in-loss term,
+and the combined loss.
 
 The online loop (PPO, REINFORCE, RLOO, GRPO, TRPO) gathers tensors and calls these; the knobs
 `kl_in`, `kl_estimator`, `kl_coef`, `missing_eos_penalty`, `entropy_coef` and `vf_coef` act here.
@@ -12,7 +13,7 @@ from rlhf_lab.checks import check_ndim, check_positive, check_same_shape, check_
 from rlhf_lab.losses.kl import kl_penalty
 from rlhf_lab.losses.masked import masked_mean, masked_sum
 
-__all__ = ["shape_rewards", "kl_loss", "online_objective"]
+__all__ = ["shape_rewards", "overlong_penalty", "kl_loss", "online_objective"]
 
 
 def shape_rewards(
@@ -74,12 +75,43 @@ def shape_rewards(
     return rewards
 
 
+def overlong_penalty(
+    lengths: torch.Tensor, max_length: float, buffer: float, penalty: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment: a length penalty that ramps up over the last `buffer` tokens.
+
+    Formula: with L = max_length, L_b = buffer and |y| the response length,
+        R_len(y) = 0                                  |y| <= L - L_b
+                 = -penalty * (|y| - (L - L_b)) / L_b   L - L_b < |y| <= L
+                 = -penalty                           |y| > L
+        (continuous: -penalty at |y| = L). Added to the sequence score, it tells a truncated
+        response apart from a finished one without punishing a long correct answer all at once.
+    Reference: Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at Scale"
+    (arXiv:2503.14476), soft overlong punishment.
+
+    Shape: lengths (B,) response token counts (any real dtype). Returns (B,) in float32 or the
+    wider floating dtype of lengths.
+    """
+    check_ndim("lengths", lengths, 1, "(B,)")
+    check_positive("max_length", max_length)
+    check_positive("buffer", buffer)
+    if buffer > max_length:
+        raise ValueError(f"buffer must be <= max_length ({max_length}), got {buffer!r}")
+    check_positive("penalty", penalty, allow_zero=True)
+    dtype = torch.promote_types(lengths.dtype, torch.float32) if lengths.is_floating_point() else torch.float32
+    # ((L - L_b) - |y|) clamped to [-L_b, 0] is 0 up to L - L_b (a +0, never -0) and -L_b beyond L.
+    short_by = ((max_length - buffer) - lengths.to(dtype)).clamp(min=-buffer, max=0.0)
+    return short_by * (penalty / buffer)
+
+
 def kl_loss(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
     response_mask: torch.Tensor,
     kl_estimator: str = "k3",
     tokens: float | None = None,
+    *,
+    old_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The KL to the reference as a loss term: the token mean of a per-token estimator.
 
@@ -89,20 +121,39 @@ def kl_loss(
         logprobs (the current policy); ref_logprobs is a constant. Weighted by beta in
         online_objective. With `tokens` (the response-token count of the whole batch these rows
         are a part of) the divisor is `tokens`, so the parts add up to the batch's mean.
+    old_logprobs (the policy that sampled the tokens, pi_old): each term is importance-weighted,
+        KL_t <- rho_t KL_t with rho_t = exp(log pi - log pi_old) (gradient through log pi; its value
+        is 1 on-policy). The gradient of a KL estimate in the loss is taken with the samples held
+        fixed, and only the weight makes it unbiased:
+          E_{x~pi_old}[grad (rho k)] = grad sum_x pi_old (pi / pi_old) k = grad E_pi[k],
+        which is grad KL(pi || pi_ref) for the estimators with an unbiased value, k1 and k3, at any
+        pi (pi = pi_old included: then grad (rho k3) = k3 grad log pi + grad k3, the score-function
+        term k3 grad log pi being what k3 alone lacks), and in later PPO epochs where pi has moved
+        away from pi_old. Without the weight, E_pi_old[grad k3] = grad KL(pi_ref || pi) on-policy
+        (kl_k3_plus derives it). With the weight, k2 gives grad E_pi[k2] (biased: k2's value is)
+        and "k3+" adds E_pi[k3 grad log pi] to the exact gradient: use k1 or k3 with old_logprobs,
+        and "k3+" or k2 without.
     Reference: Shao et al. 2024, "DeepSeekMath: Pushing the Limits of Mathematical Reasoning in
     Open Language Models" (arXiv:2402.03300), eq. (3)-(4); estimators from Schulman 2020,
-    "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+    "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html; the gradient analysis
+    from Tang & Munos 2025, "On a few pitfalls in KL divergence gradient estimation for RL"
+    (arXiv:2506.09477).
 
-    Shape: logprobs (B, T), ref_logprobs (B, T), response_mask (B, T).
+    Shape: logprobs (B, T), ref_logprobs (B, T), response_mask (B, T), old_logprobs (B, T).
     Returns (loss scalar, {"kl_loss"}).
     """
     check_ndim("logprobs", logprobs, 2, "(B, T)")
     check_same_shape("logprobs", logprobs, ref_logprobs=ref_logprobs, response_mask=response_mask)
+    if old_logprobs is not None:
+        check_same_shape("logprobs", logprobs, old_logprobs=old_logprobs)
     # Padding can hold -inf log-probs; finite values there keep the estimator's backward finite
     # (the masked mean never reads them, so the value is unchanged).
     logprobs = torch.where(response_mask != 0, logprobs, 0.0)
     ref_logprobs = torch.where(response_mask != 0, ref_logprobs.detach(), 0.0)
     per_token = kl_penalty(logprobs, ref_logprobs, kl_estimator)
+    if old_logprobs is not None:
+        log_rho = torch.where(response_mask != 0, logprobs - old_logprobs.detach(), 0.0)
+        per_token = torch.exp(log_rho) * per_token
     value = masked_mean(per_token, response_mask) if tokens is None else masked_sum(per_token, response_mask) / tokens
     return value, {"kl_loss": value.detach()}
 

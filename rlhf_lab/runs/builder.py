@@ -375,6 +375,10 @@ class FitConfig:
             from rlhf_lab.data.spec import check_stage_data
 
             check_stage_data(self.stage_name, self.data)
+            if self.data.kind == "unpaired" and self.stage_name == "dpo" and self.config.variant != "kto":
+                raise ValueError(f"data.format '{self.data.format}' gives unpaired rows (prompt/completion/label), "
+                                 f"which only variant 'kto' trains on (`fit kto`); variant '{self.config.variant}' "
+                                 "needs pairs: formats preference, hh or gsm8k_pairs")
         if self.budget is not None and self.stage_name not in ("online_rl", "online_dpo"):
             raise ValueError(f"budget applies to the online stages, not to '{self.stage}' (use trainer.max_steps)")
         if self.stage_name in MANUAL_OPTIMIZATION_STAGES:
@@ -547,8 +551,10 @@ def _texts(rows: list) -> list[str]:
 def _reference_mode(config: FitConfig) -> str | None:
     if config.model.reference is not None:
         return config.model.reference
+    from rlhf_lab.stages.dpo import REFERENCE_FREE
+
     stage, c = config.stage_name, config.config
-    needs = stage in ("online_rl", "online_dpo") or (stage == "dpo" and c.variant != "simpo")
+    needs = stage in ("online_rl", "online_dpo") or (stage == "dpo" and c.variant not in REFERENCE_FREE)
     if not needs:
         return None
     return "base" if config.model.lora is not None else "copy"
@@ -749,7 +755,8 @@ def build_run(config: FitConfig, *, rows: tuple[list, list] | None = None, rewar
     prompts = prompts_of(train) if online else None
     if eval_prompts is None:  # the validation rows' prompts (pretraining text has none)
         eval_prompts = prompts_of(val) if val and (online or not isinstance(val[0], str)) else []
-        if references is None and val and isinstance(val[0], dict) and "completion" in val[0]:
+        # Unpaired rows' completions include undesirable ones: no references to score against.
+        if references is None and val and isinstance(val[0], dict) and "completion" in val[0] and "label" not in val[0]:
             references = [r["completion"] for r in val]
 
     if gold_fn is None:

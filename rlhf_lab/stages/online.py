@@ -43,6 +43,7 @@ from rlhf_lab.losses import (
     BASELINES,
     KL_ESTIMATORS,
     RATIO_LEVELS,
+    SURROGATES,
     AdaptiveKLController,
     FixedKLController,
     entropy_bonus,
@@ -51,8 +52,10 @@ from rlhf_lab.losses import (
     masked_mean,
     mean_kl,
     online_objective,
+    overlong_penalty,
     ppo_policy_loss,
     ppo_value_loss,
+    rollout_correction_weights,
     shape_rewards,
     surrogate_loss,
 )
@@ -91,9 +94,12 @@ class OnlineRLConfig:
     top_p: float = 1.0  # nucleus sampling mass
     ppo_epochs: int = 4  # passes over each batch of rollouts (K)
     minibatches: int = 2  # minibatches per pass
-    clip_ratio: float | None = 0.2  # ε of the clipped surrogate; None = plain policy gradient
+    clip_ratio: float | None = 0.2  # ε (ε_low) of the clipped surrogate; None = plain policy gradient
+    clip_ratio_high: float | None = None  # ε_high of the clip range [1-ε, 1+ε_high] (DAPO clip-higher); None = ε
+    dual_clip: float | None = None  # c > 1: the loss of a negative advantage is at most -c·A (dual-clip PPO)
+    surrogate: str = "clip"  # "clip" (PPO's min of clipped and unclipped) or "cispo" (clipped, stopped IS weight)
     ratio_level: str = "token"  # "token" or "sequence" importance ratio
-    aggregation: str = "token_mean"  # "token_mean" over the batch, or "seq_mean"
+    aggregation: str = "token_mean"  # token_mean | seq_mean | seq_mean_token_sum_norm (÷ max_new_tokens)
     value_clip: float | None = 0.2  # clip range of the value update; None = unclipped
     vf_coef: float = 0.5  # weight of the value loss
     entropy_coef: float = 0.0  # weight of the entropy bonus
@@ -103,8 +109,17 @@ class OnlineRLConfig:
     kl_estimator: str = "k1"  # per-token KL estimator in the penalty: k1, k2 or k3
     kl_target: float | None = None  # adaptive KL controller target (per-sequence KL); None = fixed β
     kl_horizon: int = 10000  # adaptive controller horizon, in samples
-    whiten_advantages: bool = True  # normalise advantages over the batch
+    kl_ratio_weighted: bool = False  # kl_in="loss": weight each token's KL term by π/π_old (unbiased off-policy)
+    returns: str = "sequence"  # REINFORCE baselines: "sequence" (summed reward, every token) or "to_go"
+    whiten_advantages: bool = True  # normalise advantages over the (global) batch
     missing_eos_penalty: float = 0.0  # subtracted from the score of responses that hit the limit
+    overlong_buffer: float | None = None  # DAPO: last fraction of max_new_tokens with a linear length penalty
+    overlong_penalty: float = 1.0  # the length penalty at max_new_tokens (with overlong_buffer)
+    dynamic_sampling: bool = False  # DAPO: drop groups whose scores are all equal, sample more prompts
+    max_sampling_rounds: int = 3  # dynamic_sampling: sampling rounds per iteration at most
+    rollout_correction: str | None = None  # "tis" | "mis": correct for sampling vs training log-probs
+    rollout_correction_level: str = "token"  # "token" or "sequence" importance weight
+    rollout_correction_cap: float = 2.0  # the weight's cap (tis: truncated at it; mis: above it masked)
     micro_batch_size: int | None = None  # rows per forward/backward pass (memory bound); None = a minibatch
     max_grad_norm: float = 1.0  # gradient clipping by global norm
     weight_decay: float = 0.0  # AdamW decoupled weight decay
@@ -115,8 +130,32 @@ class OnlineRLConfig:
         check_choice("kl_in", self.kl_in, ("reward", "loss"))
         if self.baseline == "leave_one_out" and self.samples_per_prompt < 2:
             raise ValueError("samples_per_prompt must be >= 2 for baseline 'leave_one_out' (RLOO)")
-        if self.baseline == "group_norm" and self.samples_per_prompt < 2:
-            raise ValueError("samples_per_prompt must be >= 2 for baseline 'group_norm' (GRPO)")
+        for grouped in ("group_norm", "group_mean"):
+            if self.baseline == grouped and self.samples_per_prompt < 2:
+                raise ValueError(f"samples_per_prompt must be >= 2 for baseline {grouped!r} (a group baseline)")
+        check_choice("surrogate", self.surrogate, tuple(SURROGATES))
+        check_choice("returns", self.returns, ("sequence", "to_go"))
+        if self.returns == "to_go" and self.baseline in ("critic", "group_norm"):
+            raise ValueError(f"returns='to_go' subtracts a baseline from each token's return-to-go; baseline "
+                             f"{self.baseline!r} is not one (use none, batch_mean, leave_one_out or group_mean)")
+        if self.clip_ratio_high is not None:
+            check_positive("clip_ratio_high", self.clip_ratio_high)
+        if self.surrogate == "cispo" and self.clip_ratio is None and self.clip_ratio_high is None:
+            raise ValueError("surrogate 'cispo' clips its importance weight: set clip_ratio_high (and clip_ratio "
+                             "for a lower bound)")
+        if self.dual_clip is not None and not self.dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 (the bound is dual_clip × |A|), got {self.dual_clip}")
+        if self.overlong_buffer is not None and not 0 < self.overlong_buffer <= 1:
+            raise ValueError(f"overlong_buffer must be a fraction of max_new_tokens in (0, 1], got {self.overlong_buffer}")
+        check_positive("overlong_penalty", self.overlong_penalty, allow_zero=True)
+        check_positive("max_sampling_rounds", self.max_sampling_rounds)
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ValueError("dynamic_sampling keeps groups whose scores differ: it needs samples_per_prompt >= 2")
+        if self.rollout_correction is not None:
+            check_choice("rollout_correction", self.rollout_correction, ("tis", "mis"))
+        check_choice("rollout_correction_level", self.rollout_correction_level, ("token", "sequence"))
+        if not self.rollout_correction_cap > 1:
+            raise ValueError(f"rollout_correction_cap must be > 1, got {self.rollout_correction_cap}")
         check_choice("update", self.update, ("gradient", "trpo"))
         check_positive("max_kl", self.max_kl)
         check_positive("cg_iters", self.cg_iters)
@@ -186,7 +225,8 @@ class OnlineRLConfig:
                                      "leave it at its default")
 
         if self.update == "trpo":
-            inert(("clip_ratio", "ratio_level", "aggregation", "entropy_coef", "vf_coef", "micro_batch_size"),
+            inert(("clip_ratio", "ratio_level", "aggregation", "entropy_coef", "vf_coef", "micro_batch_size",
+                   "clip_ratio_high", "dual_clip", "surrogate", "kl_ratio_weighted", "rollout_correction"),
                   "update='trpo'")
             if self.baseline != "critic":
                 inert(("lr", "weight_decay", "max_grad_norm", "ppo_epochs", "minibatches"),
@@ -197,6 +237,22 @@ class OnlineRLConfig:
             inert(("max_kl", "cg_iters", "cg_damping", "line_search_steps"), f"update={self.update!r}")
         if self.baseline != "critic":
             inert(("gamma", "lam", "vf_coef", "value_clip", "critic_lr"), f"baseline={self.baseline!r}")
+        if self.clip_ratio is None and self.surrogate == "clip":
+            inert(("clip_ratio_high", "dual_clip"), "clip_ratio=None (an unclipped policy gradient)")
+        if self.surrogate == "cispo":
+            inert(("dual_clip",), "surrogate='cispo' (its weight is clipped, never its loss)")
+        if self.kl_in != "loss":
+            inert(("kl_ratio_weighted",), f"kl_in={self.kl_in!r} (the reward's KL has no gradient)")
+        elif self.kl_ratio_weighted and self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"kl_ratio_weighted makes the gradient of k1 or k3 unbiased; with kl_estimator "
+                             f"{self.kl_estimator!r} it is biased (its unweighted gradient already is the KL's "
+                             "on-policy): use k3 or k1")
+        if self.overlong_buffer is None:
+            inert(("overlong_penalty",), "overlong_buffer=None")
+        if not self.dynamic_sampling:
+            inert(("max_sampling_rounds",), "dynamic_sampling=False")
+        if self.rollout_correction is None:
+            inert(("rollout_correction_level", "rollout_correction_cap"), "rollout_correction=None")
         if self.kl_target is None:
             inert(("kl_horizon",), "kl_target=None (a fixed KL coefficient)")
         elif self.kl_coef == 0:
@@ -293,6 +349,9 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         self.buffer = RolloutBuffer(policy.tokenizer.pad_token_id)
         self.budget = Budget()
         self.history: list[dict] = []  # one row of train metrics per iteration, for plots and summaries
+        # Per iteration: (rows, tokens) sampled by dynamic sampling, its (kept, sampled) groups, and
+        # the rollout correction's metrics; reset at each training step.
+        self._sampled, self._kept_groups, self._correction = (0, 0), None, None
         self._init_resumable()
         self.automatic_optimization = False
         self.save_hyperparameters({"stage": "online_rl", **asdict(c)})
@@ -300,7 +359,21 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
     # ------------------------------------------------------------------ rollout
     @torch.no_grad()
     def make_rollout(self, prompts: list[str]) -> Rollout:
-        """Sample, score and annotate a rollout (steps 1–4 of the module docstring)."""
+        """Sample, score and annotate a rollout (steps 1–4 of the module docstring).
+
+        With `dynamic_sampling` (DAPO), groups whose training scores (`_training_scores`) are all
+        equal carry no signal under a group baseline and are dropped; more prompts (as many as
+        `prompts` again, drawn at random from the stage's prompts) are sampled until `prompts`'
+        number of groups is kept or `max_sampling_rounds` rounds are spent. Every sample counts in
+        the budget. When no group of any round differs, the first round is kept (its advantages
+        are 0). `train/kept_groups` logs the fraction of sampled groups kept.
+        """
+        rollout = self._sample_and_score(prompts)
+        if self.config.dynamic_sampling:
+            rollout = self._keep_informative_groups(rollout, prompts)
+        return self.annotate(rollout)
+
+    def _sample_and_score(self, prompts: list[str]) -> Rollout:
         c, policy = self.config, self.policy
         # micro_batch_size bounds the rows of one generate call (whole prompts: groups stay whole).
         per_call = len(prompts) if c.micro_batch_size is None else max(1, c.micro_batch_size // c.samples_per_prompt)
@@ -316,15 +389,63 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         if self.gold_fn is not None:
             rollout.gold_scores = check_scores(self.gold_fn(rollout.prompts, rollout.completions), n, self.gold_fn,
                                                rollout.prompts, device=device, what="gold reward")
-        return self.annotate(rollout)
+        return rollout
+
+    def _keep_informative_groups(self, rollout: Rollout, prompts: list[str]) -> Rollout:
+        c = self.config
+        wanted, first = len(prompts), rollout
+        kept: list[Rollout] = []
+        n_kept = sampled = 0
+        for round_ in range(c.max_sampling_rounds):
+            if round_ > 0:  # more prompts, drawn from the global stream (saved in checkpoints)
+                draw = torch.randint(len(self.prompts), (wanted,)).tolist()
+                rollout = self._sample_and_score([self.prompts[i] for i in draw])
+            # Every sampled row and token counts in the budget (at the iteration's end), kept or not.
+            self._sampled = (self._sampled[0] + len(rollout), self._sampled[1] + int(rollout.response_mask.sum()))
+            scores = self._training_scores(rollout)
+            _, index = torch.unique(rollout.group_ids, return_inverse=True)
+            n_groups = int(index.max()) + 1
+            high = torch.full((n_groups,), -torch.inf, device=scores.device).scatter_reduce(0, index, scores, "amax")
+            low = torch.full((n_groups,), torch.inf, device=scores.device).scatter_reduce(0, index, scores, "amin")
+            informative = (high > low).nonzero().flatten()[: wanted - n_kept]
+            sampled += n_groups
+            if len(informative):
+                rows = torch.isin(index, informative).nonzero().flatten()
+                kept.append(rollout.index(rows))
+                n_kept += len(informative)
+            if n_kept >= wanted:
+                break
+        self._kept_groups = (n_kept, sampled)
+        if not kept:
+            return first
+        return kept[0] if len(kept) == 1 else Rollout.concat(kept, self.policy.tokenizer.pad_token_id)
+
+    def _training_scores(self, rollout: Rollout) -> torch.Tensor:
+        """The scores the update learns from: the reward's, minus DAPO's overlong penalty when
+        `overlong_buffer` is set (`losses.overlong_penalty`; `train/reward` logs the reward's own)."""
+        c = self.config
+        if c.overlong_buffer is None:
+            return rollout.scores
+        buffer = max(1, round(c.overlong_buffer * c.max_new_tokens))
+        penalty = overlong_penalty(rollout.response_lengths.to(rollout.scores.dtype), c.max_new_tokens, buffer,
+                                   c.overlong_penalty)
+        return rollout.scores + penalty
 
     @torch.no_grad()
     def annotate(self, rollout: Rollout) -> Rollout:
-        """Reference log-probs (if missing), values and per-token rewards under this config.
+        """Reference log-probs (if missing), values, per-token rewards and, with
+        `rollout_correction`, the trainer's own log-probs and the importance weights, under this config.
 
         Works on fresh rollouts and on replayed ones: a stored rollout keeps its tokens, its
-        sampling log-probs (the `old_logprobs` of the update) and its scores, and each
-        algorithm builds its own rewards and advantages from them.
+        sampling log-probs and its scores, and each algorithm builds its own rewards and
+        advantages from them.
+
+        `rollout_correction` ("tis" / "mis"): the sampling log-probs (recorded by `generate`, in its
+        precision, or stored with a replayed buffer) need not equal what the trainer computes. The
+        trainer's log-probs before the update (`train_logprobs`) become π_old of the ratio, and each
+        token's loss is weighted by π_old / π_sample, truncated or masked at
+        `rollout_correction_cap` (`losses.rollout_correction_weights`); `train/sampling_logprob_diff`
+        logs the mean |log π_old − log π_sample|.
         """
         c, policy = self.config, self.policy
         ids, attn = rollout.input_ids, rollout.attention_mask
@@ -332,8 +453,13 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
             rollout.ref_logprobs = self._in_chunks(lambda i, a: policy.ref_logprobs(i, a, c.temperature), ids, attn)
         if c.baseline == "critic":
             rollout.values = self._in_chunks(policy.values, ids, attn) * rollout.response_mask.float()
+        if c.rollout_correction is not None:
+            rollout.train_logprobs = self._in_chunks(lambda i, a: policy.logprobs(i, a, c.temperature), ids, attn)
+            rollout.is_weights, self._correction = rollout_correction_weights(
+                rollout.train_logprobs, rollout.logprobs, rollout.response_mask, mode=c.rollout_correction,
+                level=c.rollout_correction_level, cap=c.rollout_correction_cap)
         rollout.rewards = shape_rewards(
-            rollout.scores, rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
+            self._training_scores(rollout), rollout.logprobs, rollout.ref_logprobs, rollout.response_mask,
             kl_coef=self.kl_ctl.value, kl_estimator=c.kl_estimator, kl_in_reward=c.kl_in == "reward",
             ended_with_eos=rollout.ended_with_eos, missing_eos_penalty=c.missing_eos_penalty)
         return rollout
@@ -354,6 +480,7 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
     def training_step(self, prompts: list[str], batch_idx: int) -> None:
         c = self.config
         optimizer = self.optimizers()
+        self._sampled, self._kept_groups, self._correction = (0, 0), None, None
         # A sharded policy is gathered once for the whole rollout: each rank then runs as many
         # generate calls and reference/value chunks as its own rows need.
         with self.policy.gathered():
@@ -366,7 +493,7 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         estimator = "gae" if c.baseline == "critic" else c.baseline
         reduce = all_sum if world_size() > 1 else None  # whitening and batch_mean over the global batch
         rollout = self.buffer.compute_advantages(estimator, gamma=c.gamma, lam=c.lam, whiten=c.whiten_advantages,
-                                                 reduce=reduce)
+                                                 reduce=reduce, returns=c.returns)
         if c.update == "trpo":
             self._log_iteration(rollout, self._trpo_update(rollout, optimizer), c.steps_per_iteration)
             return
@@ -445,9 +572,16 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         else:
             logprobs, entropy = self.policy.logprobs(mb.input_ids, mb.attention_mask, c.temperature,
                                                      return_entropy=True)
+        # π_old: the trainer's own log-probs before the update when rollout_correction recorded
+        # them, else the sampling log-probs.
+        old = mb.logprobs if mb.train_logprobs is None else mb.train_logprobs
+        norm = c.max_new_tokens if c.aggregation == "seq_mean_token_sum_norm" else None
+        # CISPO without its own ε_high clips its weight in PPO's symmetric range.
+        high = c.clip_ratio if c.surrogate == "cispo" and c.clip_ratio_high is None else c.clip_ratio_high
         policy_loss, pm = ppo_policy_loss(
-            logprobs, mb.logprobs, mb.advantages, mb.response_mask, clip_ratio=c.clip_ratio,
-            ratio_level=c.ratio_level, aggregation=c.aggregation, counts=counts)
+            logprobs, old, mb.advantages, mb.response_mask, clip_ratio=c.clip_ratio,
+            ratio_level=c.ratio_level, aggregation=c.aggregation, counts=counts, clip_ratio_high=high,
+            dual_clip=c.dual_clip, surrogate=c.surrogate, is_weights=mb.is_weights, norm_length=norm)
         ent, _ = entropy_bonus(entropy, mb.response_mask, tokens=tokens)
         value_loss = kl_term = None
         if c.baseline == "critic":
@@ -455,12 +589,14 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
                                            tokens=tokens)
         if c.kl_in == "loss":
             # GRPO puts the KL in the loss (Shao et al. 2024), with gradients through logprobs.
-            kl_term, _ = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, c.kl_estimator, tokens=tokens)
+            kl_term, _ = kl_loss(logprobs, mb.ref_logprobs, mb.response_mask, c.kl_estimator, tokens=tokens,
+                                 old_logprobs=old if c.kl_ratio_weighted else None)
         loss, terms = online_objective(
             policy_loss, ent, value_loss, kl_term, entropy_coef=c.entropy_coef,
             vf_coef=c.vf_coef if value_loss is not None else 0.0,
             kl_coef=self.kl_ctl.value if kl_term is not None else 0.0)
-        return loss, {**terms, "clipfrac": pm["clipfrac"], "approx_kl": pm["approx_kl"]}
+        extra = {"dual_clipfrac": pm["dual_clipfrac"]} if "dual_clipfrac" in pm else {}
+        return loss, {**terms, "clipfrac": pm["clipfrac"], "approx_kl": pm["approx_kl"], **extra}
 
     def _replay_share(self) -> Rollout:
         """The replayed rollouts this process trains on: all of them on one process, else its
@@ -533,7 +669,9 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         n, tokens = len(rollout), float(mask.sum())
         # train/kl is always k1 on the sampled tokens, summed per sequence, so algorithms compare.
         seq_kl = (kl_k1(rollout.logprobs, rollout.ref_logprobs) * mask).sum(dim=1).mean()
-        n_global = self.budget.count(samples=n, generated_tokens=int(tokens))["samples"]
+        # Dynamic sampling may have sampled more rows than it kept: every sampled row counts.
+        rows, generated = self._sampled if self._sampled[0] else (n, int(tokens))
+        n_global = self.budget.count(samples=rows, generated_tokens=generated)["samples"]
         self.budget.optimizer_steps += n_updates
         # Means over the global batch: per row, and per response token.
         per_row = {"train/reward": rollout.scores.mean(), "train/kl": seq_kl,
@@ -550,6 +688,12 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         metrics["train/kl_coef"] = float(self.kl_ctl.value)
         if "train/value_mean" in per_token:
             metrics["train/value_mean"] = per_token["train/value_mean"]
+        if self._correction is not None:  # rollout_correction: the sampling/training mismatch
+            corr = global_means({k: v for k, v in self._correction.items()}, tokens)
+            metrics.update({f"train/{k}": v for k, v in corr.items()})
+        if self._kept_groups is not None:  # dynamic sampling: kept / sampled groups, over every rank
+            kept, total = all_sum(torch.tensor(self._kept_groups, dtype=torch.float64).to(collective_device())).tolist()
+            metrics["train/kept_groups"] = kept / max(total, 1.0)
         # train/kl_coef is the β this iteration used; the controller then adapts it for the next.
         self.kl_ctl.update(per_row["train/kl"], n_global)
         if "train/gold_reward" in per_row:

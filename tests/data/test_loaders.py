@@ -27,8 +27,10 @@ from rlhf_lab.data.loaders import (
     load_prompt_completion,
     load_prompts,
     load_text,
+    load_unpaired_rows,
     normalize_number,
     train_val_split,
+    unpair,
 )
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "data"
@@ -153,6 +155,7 @@ def test_hh_real_file_structure_only():
 
 GOOD_PC = {"prompt": "p", "completion": " c"}
 GOOD_PREF = {"prompt": "p", "chosen": " a", "rejected": " b"}
+GOOD_UNPAIRED = {"prompt": "p", "completion": " c", "label": False}
 GOOD_DOLLY = {"instruction": "Say hi.", "context": "", "response": "hi", "category": "x"}
 GOOD_ALPACA = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
 GOOD_GSM = {"question": "What is 2+3?", "answer": "2+3=5\n#### 5"}
@@ -186,6 +189,13 @@ CASES = {
         "missing": (_without(GOOD_PREF, "rejected"), "rejected"),
         "nonstring": (_with(GOOD_PREF, "chosen", 1.5), "chosen"),
         "empty": (_with(GOOD_PREF, "rejected", "  "), "rejected"),
+    }),
+    "unpaired_rows": (load_unpaired_rows, GOOD_UNPAIRED, {
+        "missing": (_without(GOOD_UNPAIRED, "label"), "label"),
+        "nonbool": (_with(GOOD_UNPAIRED, "label", 1), "label"),
+        "string_label": (_with(GOOD_UNPAIRED, "label", "true"), "label"),
+        "nonstring": (_with(GOOD_UNPAIRED, "completion", ["c"]), "completion"),
+        "empty": (_with(GOOD_UNPAIRED, "completion", " "), "completion"),
     }),
     "prompts": (load_prompts, GOOD_PC, {
         "missing": (_without(GOOD_PC, "prompt"), "prompt"),
@@ -383,3 +393,23 @@ def test_train_val_split_is_seeded_and_complete():
     assert train_val_split(rows, 0.0)[1] == [] and len(train_val_split(rows[:3], 0.01)[1]) == 1
     with pytest.raises(ValueError):
         train_val_split(rows, 1.0)
+
+
+def test_unpaired_rows_and_unpair(tmp_path):
+    path = tmp_path / "kto.jsonl"
+    path.write_text('{"prompt": "Q: 1+1=\\nA:", "completion": " 2", "label": true, "id": 7}\n'
+                    '{"prompt": "Q: 1+1=\\nA:", "completion": " 3", "label": false}\n'
+                    '{"prompt": "Q: 2+2=\\nA:", "completion": " 4", "label": 1}\n')
+    with pytest.raises(DataError, match=r"kto\.jsonl, line 3: field 'label': must be a boolean, true \(desirable\) "
+                                        r"or false \(undesirable\), got int 1"):
+        load_unpaired_rows(path)
+    rows = load_unpaired_rows(path, on_error="skip")
+    assert rows == [{"prompt": "Q: 1+1=\nA:", "completion": " 2", "label": True},
+                    {"prompt": "Q: 1+1=\nA:", "completion": " 3", "label": False}]
+    # Pairs split into a desirable then an undesirable row; unpaired rows stay as they are.
+    pairs = [{"prompt": "p", "chosen": " a", "rejected": " b", "gold": "a"}, *rows]
+    assert unpair(pairs) == [{"prompt": "p", "completion": " a", "label": True},
+                             {"prompt": "p", "completion": " b", "label": False}, *rows]
+    assert unpair(rows).report is rows.report
+    with pytest.raises(ValueError, match="row 1 is neither a preference pair"):
+        unpair([pairs[0], {"prompt": "p", "completion": " a"}])

@@ -39,6 +39,8 @@ def test_every_format_loads_through_a_config(tmp_path):
         "hh": (_jsonl(tmp_path / "h.jsonl", [{"chosen": "\n\nHuman: hi\n\nAssistant: hello",
                                              "rejected": "\n\nHuman: hi\n\nAssistant: go away"}]),
                {"prompt": "\n\nHuman: hi\n\nAssistant:", "chosen": " hello", "rejected": " go away"}),
+        "unpaired": (_jsonl(tmp_path / "u.jsonl", [{"prompt": "q", "completion": "a", "label": True}]),
+                     {"prompt": "q", "completion": "a", "label": True}),
         "prompts": (_jsonl(tmp_path / "q.jsonl", [{"prompt": "Q: 1+1=\nA:"}]), "Q: 1+1=\nA:"),
     }
     files["text"][0].write_text("one doc\n\nanother doc\n")
@@ -103,6 +105,10 @@ def test_stage_kinds():
     check_stage_data("sft", DataConfig(format="dolly", path="x"))
     check_stage_data("dpo", DataConfig(format="hh", path="x"))
     check_stage_data("online_rl", DataConfig(format="gsm8k", path="x"))  # its prompts
+    check_stage_data("dpo", DataConfig(format="unpaired", path="x"))  # variant kto (FitConfig checks the variant)
+    check_stage_data("online_rl", DataConfig(format="unpaired", path="x"))  # its prompts
+    with pytest.raises(ValueError, match="data.format 'unpaired' gives unpaired rows.*reward_model: preference"):
+        check_stage_data("reward_model", DataConfig(format="unpaired", path="x"))
     with pytest.raises(ValueError, match="data.format 'hh' gives preference rows.*sft: prompt_completion"):
         check_stage_data("sft", DataConfig(format="hh", path="x"))
     with pytest.raises(ValueError, match="stage 'pretrain'"):

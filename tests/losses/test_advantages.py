@@ -1,9 +1,12 @@
+import math
+
 import pytest
 import torch
 
 from rlhf_lab.losses import (
     BASELINES,
     baseline_batch_mean,
+    baseline_group_mean,
     baseline_group_norm,
     baseline_leave_one_out,
     baseline_none,
@@ -13,6 +16,7 @@ from rlhf_lab.losses import (
     masked_var,
     masked_whiten,
     reinforce_advantages,
+    returns_to_go,
     whiten_advantages,
 )
 
@@ -121,6 +125,56 @@ def test_gae_bad_inputs():
         gae(REWARDS, VALUES, torch.tensor([[1.0, 0.0, 1.0]]))
 
 
+# ------------------------------------------------------------------------------- returns_to_go
+
+
+def test_returns_to_go_by_hand():
+    # rewards [0, 0, 1], gamma 0.9: G_2 = 1, G_1 = 0.9 * 1 = 0.9, G_0 = 0.9^2 * 1 = 0.81
+    torch.testing.assert_close(returns_to_go(REWARDS, FULL, gamma=0.9), torch.tensor([[0.81, 0.9, 1.0]]))
+    # gamma = 1 (the default): every token gets the final reward
+    torch.testing.assert_close(returns_to_go(REWARDS, FULL), torch.tensor([[1.0, 1.0, 1.0]]))
+    # rewards [1, -0.5, 2], gamma 0.5: G_2 = 2; G_1 = -0.5 + 0.5 * 2 = 0.5; G_0 = 1 + 0.5 * 0.5 = 1.25
+    torch.testing.assert_close(returns_to_go(torch.tensor([[1.0, -0.5, 2.0]]), FULL, gamma=0.5),
+                               torch.tensor([[1.25, 0.5, 2.0]]))
+
+
+def test_returns_to_go_left_offset_and_padding():
+    # The episode of test_returns_to_go_by_hand at columns 1..3, with junk (inf) in the padding:
+    # [0, 0.81, 0.9, 1, 0]; the junk never leaks.
+    rewards = torch.tensor([[5.0, 0.0, 0.0, 1.0, math.inf]])
+    mask = torch.tensor([[0.0, 1.0, 1.0, 1.0, 0.0]])
+    out = returns_to_go(rewards, mask, gamma=0.9)
+    torch.testing.assert_close(out, torch.tensor([[0.0, 0.81, 0.9, 1.0, 0.0]]))
+    torch.testing.assert_close(returns_to_go(rewards, mask.bool(), gamma=0.9), out)
+
+
+def test_returns_to_go_is_gae_without_a_critic():
+    # With V = 0 and lam = 1, GAE's advantage is sum_l gamma^l r_{t+l}: the return-to-go.
+    gen = torch.Generator().manual_seed(2)
+    rewards = torch.randn(7, 9, generator=gen, dtype=torch.float64)
+    spans = [(0, 9), (0, 4), (3, 6), (2, 3), (5, 1), (0, 0), (8, 1)]
+    mask = torch.zeros(7, 9, dtype=torch.float64)
+    for b, (start, length) in enumerate(spans):
+        mask[b, start : start + length] = 1.0
+    for gamma in (1.0, 0.9, 0.0):
+        adv, _ = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0)
+        torch.testing.assert_close(returns_to_go(rewards, mask, gamma=gamma), adv)
+    # and it changes with gamma
+    assert not torch.allclose(returns_to_go(rewards, mask, gamma=0.5), returns_to_go(rewards, mask))
+
+
+def test_returns_to_go_dtype_and_bad_inputs():
+    out = returns_to_go(REWARDS.bfloat16(), FULL, gamma=0.9)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), torch.tensor([[0.81, 0.9, 1.0]]), atol=1e-2, rtol=0)
+    with pytest.raises(ValueError, match="response_mask"):
+        returns_to_go(REWARDS, torch.ones(1, 4))
+    with pytest.raises(ValueError, match="rewards"):
+        returns_to_go(REWARDS[0], FULL[0])
+    with pytest.raises(ValueError, match="gamma"):
+        returns_to_go(REWARDS, FULL, gamma=1.5)
+
+
 # ----------------------------------------------------------------------------------- baselines
 
 # Two prompts, G = 3: group 0 = [1, 2, 3], group 1 = [7, 8, 12]
@@ -181,6 +235,54 @@ def test_group_norm_constant_group_is_zero():
     assert torch.isfinite(adv).all()
     # [5, 5] -> 0 / (0 + eps) = 0; [1, 3] -> mean 2, std 1 -> [-1, 1] (up to eps)
     torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [4, 8, 16])
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_group_norm_identical_float32_scores_give_exactly_zero(n, eps):
+    # Regression: 0.7 is not a float32 number, and the float32 mean of n copies of it can land an
+    # ulp away (0.7 * 8: every deviation is 2^-24 = 5.96e-8, the std as well), so the old
+    # deviation / (std + 1e-6) was 5.96e-8 / 1.06e-6 = 0.056, a spurious advantage, and eps = 0
+    # gave 0 / 0 = NaN (0.7 * 4). A group whose max equals its min now gives exactly 0.
+    scores = torch.full((n,), 0.7, dtype=torch.float32)
+    adv = baseline_group_norm(scores, torch.zeros(n, dtype=torch.long), eps=eps)
+    assert torch.equal(adv, torch.zeros(n))
+
+
+def test_group_norm_constant_group_next_to_a_varied_one():
+    # Group 0 = 0.7 * 8 (constant -> exactly 0); group 1 = [1, 2, 3] -> [-1.224745, 0, 1.224745]
+    # as in test_group_norm_by_hand (population std sqrt(2/3) = 0.816497). With eps = 0 the
+    # varied group is exactly deviation / std: [-1, 1] / 1 for [1, 3].
+    scores = torch.tensor([0.7] * 8 + [1.0, 2.0, 3.0])
+    ids = torch.tensor([0] * 8 + [1] * 3)
+    adv = baseline_group_norm(scores, ids)
+    assert torch.equal(adv[:8], torch.zeros(8))
+    torch.testing.assert_close(adv[8:], torch.tensor([-1.224745, 0.0, 1.224745]), atol=1e-5, rtol=0)
+    exact = baseline_group_norm(torch.tensor([1.0, 3.0, 0.7, 0.7]), torch.tensor([0, 0, 1, 1]), eps=0.0)
+    assert torch.equal(exact, torch.tensor([-1.0, 1.0, 0.0, 0.0]))
+
+
+def test_group_mean_by_hand():
+    # group 0 [1, 2, 3], mean 2 -> [-1, 0, 1]; group 1 [7, 8, 12], mean 9 -> [-2, -1, 3]
+    # (no division by the std: group_norm would give [-1.224745, 0, 1.224745, ...])
+    adv = baseline_group_mean(SCORES, IDS)
+    torch.testing.assert_close(adv, torch.tensor([-1.0, 0.0, 1.0, -2.0, -1.0, 3.0]))
+    assert not torch.allclose(adv, baseline_group_norm(SCORES, IDS))
+    # RLOO is the same deviation scaled by n / (n - 1) = 3/2.
+    torch.testing.assert_close(baseline_leave_one_out(SCORES, IDS), 1.5 * adv)
+    # Interleaved, unequal groups: a = rows 0, 2, 4 = [1, 2, 6] (mean 3) -> [-2, -1, 3];
+    # b = rows 1, 3 = [10, 20] (mean 15) -> [-5, 5]; a group of one (row 5) -> 0
+    scores = torch.tensor([1.0, 10.0, 2.0, 20.0, 6.0, 4.0])
+    ids = torch.tensor([5, 2, 5, 2, 5, 9])
+    torch.testing.assert_close(baseline_group_mean(scores, ids), torch.tensor([-2.0, -5.0, -1.0, 5.0, 3.0, 0.0]))
+    assert reinforce_advantages(SCORES, IDS, baseline="group_mean").tolist() == adv.tolist()
+
+
+def test_group_mean_identical_scores_give_exactly_zero():
+    # The float32 mean of 0.7 * 8 is 2^-24 above the scores: plain subtraction is not 0.
+    scores = torch.full((8,), 0.7)
+    assert (scores - scores.mean()).abs().max() > 0
+    assert torch.equal(baseline_group_mean(scores, torch.zeros(8, dtype=torch.long)), torch.zeros(8))
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))

@@ -9,6 +9,7 @@ from rlhf_lab.losses import (
     dpo_robust,
     dpo_robust_unbiased,
     dpo_sigmoid,
+    orpo,
     preference_loss,
     simpo,
 )
@@ -33,6 +34,7 @@ ALL = {
     "rejected_lengths": LEN_R,
 }
 METRIC_KEYS = {"rewards_chosen", "rewards_rejected", "reward_margin", "reward_accuracy", "loss"}
+EXTRA_METRICS = {"orpo": {"log_odds_ratio"}}
 
 
 # ------------------------------------------------------------------------------ by-hand values
@@ -156,6 +158,48 @@ def test_simpo_by_hand():
     assert loss.item() == pytest.approx(0.201413, abs=1e-6)
 
 
+def test_orpo_by_hand():
+    # Mean per-token log-probs: chosen -1 / 2 = -0.5, rejected -2 / 1 = -2.
+    # log odds(y) = m - log(1 - e^m):
+    #   chosen:   -0.5 - log(1 - 0.606531) = -0.5 + 0.932752 = 0.432752
+    #   rejected: -2 - log(1 - 0.135335) = -2 + 0.145413 = -1.854587
+    # h = 0.432752 + 1.854587 = 2.287339; -log sigmoid(h) = log(1 + e^-2.287339) = 0.0967059
+    # beta (lambda) = 0.1: loss = 0.1 * 0.0967059 = 0.00967059
+    loss, metrics = orpo(PC, PR, LEN_C, LEN_R, beta=0.1)
+    assert loss.item() == pytest.approx(0.00967059, abs=1e-7)
+    assert metrics["log_odds_ratio"].item() == pytest.approx(2.287339, abs=1e-5)
+    # Rewards are beta times the mean per-token log-prob: 0.1 * -0.5 = -0.05 and 0.1 * -2 = -0.2.
+    assert metrics["rewards_chosen"].item() == pytest.approx(-0.05)
+    assert metrics["rewards_rejected"].item() == pytest.approx(-0.2)
+    assert metrics["reward_margin"].item() == pytest.approx(0.15)
+    assert metrics["reward_accuracy"].item() == 1.0
+    # beta = 1: the whole term, 0.0967059
+    loss, _ = orpo(PC, PR, LEN_C, LEN_R, beta=1.0)
+    assert loss.item() == pytest.approx(0.0967059, abs=1e-6)
+    # lengths 1 and 1: chosen m = -1, log odds = -1 - log(1 - 0.367879) = -1 + 0.458675 = -0.541325;
+    # h = -0.541325 + 1.854587 = 1.313262; 0.1 * log(1 + e^-1.313262) = 0.1 * 0.238183 = 0.0238183
+    loss, _ = orpo(PC, PR, ONE, ONE, beta=0.1)
+    assert loss.item() == pytest.approx(0.0238183, abs=1e-6)
+    # ORPO's SFT term is nll_coef: + 1 * (-(-1) / 2) = + 0.5, and no reference is needed.
+    loss, metrics = preference_loss("orpo", PC, PR, chosen_lengths=LEN_C, rejected_lengths=LEN_R, beta=0.1,
+                                    nll_coef=1.0)
+    assert loss.item() == pytest.approx(0.50967059, abs=1e-6)
+    assert metrics["nll"].item() == pytest.approx(0.5)
+
+
+def test_orpo_is_finite_where_the_odds_are_extreme():
+    # A mean log-prob of 0 (P = 1, infinite odds) is capped at -1e-6; one of -1000 has log odds
+    # -1000 - log(1 - e^-1000) = -1000. Loss and gradients stay finite.
+    pc = torch.tensor([0.0, -1000.0], requires_grad=True)
+    pr = torch.tensor([-1000.0, 0.0], requires_grad=True)
+    loss, metrics = orpo(pc, pr, torch.ones(2), torch.ones(2), beta=1.0)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(pc.grad).all() and torch.isfinite(pr.grad).all()
+    # Pair 1 has h = -1000 - log odds(-1e-6) = -1000 - (-1e-6 - log(1e-6)) = -1013.8155:
+    # -log sigmoid(h) = 1013.8155; pair 0 gives 0; mean 506.9078.
+    assert loss.item() == pytest.approx(506.9078, abs=1e-3)
+
+
 # --------------------------------------------------------------------- options change results
 
 
@@ -183,8 +227,8 @@ def test_gamma_changes_simpo():
     assert abs(a.item() - b.item()) > 1e-3
 
 
-@pytest.mark.parametrize("variant", ["ipo", "simpo"])
-def test_lengths_change_ipo_and_simpo(variant):
+@pytest.mark.parametrize("variant", ["ipo", "simpo", "orpo"])
+def test_lengths_change_ipo_simpo_and_orpo(variant):
     a, _ = preference_loss(variant, **ALL)
     b, _ = preference_loss(variant, **{**ALL, "chosen_lengths": ONE, "rejected_lengths": ONE})
     assert abs(a.item() - b.item()) > 1e-3
@@ -245,7 +289,7 @@ def test_metrics_are_detached_scalars(variant):
     lengths = {"chosen_lengths": LEN_C, "rejected_lengths": LEN_R}
     loss, metrics = preference_loss(variant, **inputs, **lengths, label_smoothing=0.1)
     assert loss.ndim == 0 and loss.requires_grad
-    assert set(metrics) == METRIC_KEYS
+    assert set(metrics) == METRIC_KEYS | EXTRA_METRICS.get(variant, set())
     for value in metrics.values():
         assert value.ndim == 0 and not value.requires_grad
 
@@ -324,7 +368,7 @@ def test_bad_inputs():
             preference_loss(variant, PC, PR, chosen_lengths=LEN_C, rejected_lengths=LEN_R)
         with pytest.raises(ValueError, match="ref_rejected_logps"):
             preference_loss(variant, PC, PR, RC, chosen_lengths=LEN_C, rejected_lengths=LEN_R)
-    for variant in ("ipo", "simpo"):
+    for variant in ("ipo", "simpo", "orpo"):
         with pytest.raises(ValueError, match="chosen_lengths"):
             preference_loss(variant, PC, PR, RC, RR)
         with pytest.raises(ValueError, match="rejected_lengths"):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from rlhf_lab.losses import kl_loss, kl_penalty, online_objective, shape_rewards
+from rlhf_lab.losses import kl_loss, kl_penalty, online_objective, overlong_penalty, shape_rewards
 
 # ------------------------------------------------------------------------------- shape_rewards
 
@@ -95,6 +95,75 @@ def test_kl_loss_is_the_masked_mean_of_kl_penalty():
     finite = torch.where(MASK != 0, LOGP, 0.0)
     expected = (kl_penalty(finite, REF, "k2") * MASK).sum() / MASK.sum()
     torch.testing.assert_close(kl_loss(finite, REF, MASK, "k2")[0], expected)
+
+
+def test_kl_loss_importance_weighted_by_hand_and_gradient():
+    # logp = [-1, -2], old = [-1.5, -2], ref = [-2, -1]; k1 = logp - ref = [1, -1]
+    # rho = exp(logp - old) = [e^0.5, 1] = [1.648721, 1]; rho k1 = [1.648721, -1]
+    # token mean = 0.648721 / 2 = 0.324361 (without old_logprobs: (1 - 1) / 2 = 0)
+    logp = torch.tensor([[-1.0, -2.0, 0.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -2.0, -math.inf]])  # padding may hold -inf
+    ref = torch.tensor([[-2.0, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss, metrics = kl_loss(logp, ref, mask, "k1", old_logprobs=old)
+    assert loss.item() == pytest.approx(0.324361, abs=1e-6)
+    assert set(metrics) == {"kl_loss"} and not metrics["kl_loss"].requires_grad
+    assert kl_loss(logp, ref, mask, "k1")[0].item() == pytest.approx(0.0)
+    # d(rho k1)/d logp = rho k1 + rho * 1 = rho (k1 + 1): [1.648721 * 2, 1 * 0] = [3.297443, 0]; / 2 tokens
+    (grad,) = torch.autograd.grad(loss, logp)
+    torch.testing.assert_close(grad, torch.tensor([[1.648721, 0.0, 0.0]]))
+    # On-policy (old = logp) the value is the plain estimator's (rho = 1), the gradient is not:
+    # k3 with d = ref - logp = [-1, 1]: k3 = [e^-1 + 1 - 1, e - 1 - 1] = [0.367879, 0.718282]
+    # d(rho k3)/d logp = k3 + (1 - e^d) = [0.367879 + 0.632121, 0.718282 - 1.718282] = [1, -1]; / 2
+    on = logp.detach()
+    value, _ = kl_loss(logp, ref, mask, "k3", old_logprobs=on)
+    assert value.item() == pytest.approx(kl_loss(logp, ref, mask, "k3")[0].item())
+    assert value.item() == pytest.approx((0.367879 + 0.718282) / 2, abs=1e-6)
+    (grad,) = torch.autograd.grad(value, logp)
+    torch.testing.assert_close(grad, torch.tensor([[0.5, -0.5, 0.0]]))
+    # (plain k3: (1 - e^d) / 2 = [0.316060, -0.859141])
+    (plain,) = torch.autograd.grad(kl_loss(logp, ref, mask, "k3")[0], logp)
+    torch.testing.assert_close(plain, torch.tensor([[0.316060, -0.859141, 0.0]]))
+    # tokens= still splits the batch: the parts add up.
+    parts = [kl_loss(logp[:, :1], ref[:, :1], mask[:, :1], "k1", tokens=2.0, old_logprobs=old[:, :1])[0],
+             kl_loss(logp[:, 1:], ref[:, 1:], mask[:, 1:], "k1", tokens=2.0, old_logprobs=old[:, 1:])[0]]
+    assert sum(x.item() for x in parts) == pytest.approx(0.324361, abs=1e-6)
+    with pytest.raises(ValueError, match="^old_logprobs"):
+        kl_loss(logp, ref, mask, "k1", old_logprobs=old[:, :2])
+
+
+# ---------------------------------------------------------------------------- overlong_penalty
+
+
+def test_overlong_penalty_by_hand():
+    # L = 20, buffer 4: no penalty up to 16, then -(|y| - 16) / 4, and -1 beyond 20
+    # lengths 10 -> 0; 16 -> 0; 17 -> -0.25; 18 -> -0.5; 20 -> -1; 25 -> -1
+    lengths = torch.tensor([10, 16, 17, 18, 20, 25])
+    out = overlong_penalty(lengths, max_length=20, buffer=4)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([0.0, 0.0, -0.25, -0.5, -1.0, -1.0]))
+    assert not torch.signbit(out[:2]).any()  # +0, not -0
+    # penalty 0.5 halves it; float lengths work as well
+    torch.testing.assert_close(overlong_penalty(lengths.double(), 20, 4, penalty=0.5),
+                               torch.tensor([0.0, 0.0, -0.125, -0.25, -0.5, -0.5], dtype=torch.float64))
+    # buffer = max_length: the ramp starts at 0 (|y| = 5 of 20 -> -0.25)
+    torch.testing.assert_close(overlong_penalty(torch.tensor([5.0]), 20, 20), torch.tensor([-0.25]))
+    # A longer buffer changes the result: buffer 8 -> ramp from 12: 17 -> -5/8 = -0.625
+    assert overlong_penalty(torch.tensor([17]), 20, 8).item() == pytest.approx(-0.625)
+
+
+def test_overlong_penalty_bad_inputs():
+    lengths = torch.tensor([10, 20])
+    with pytest.raises(ValueError, match="^lengths"):
+        overlong_penalty(lengths[None], 20, 4)
+    with pytest.raises(ValueError, match="^buffer must be > 0"):
+        overlong_penalty(lengths, 20, 0)
+    with pytest.raises(ValueError, match="^buffer must be <= max_length"):
+        overlong_penalty(lengths, 20, 21)
+    with pytest.raises(ValueError, match="^max_length"):
+        overlong_penalty(lengths, 0, 4)
+    with pytest.raises(ValueError, match="^penalty"):
+        overlong_penalty(lengths, 20, 4, penalty=-1.0)
 
 
 # ---------------------------------------------------------------------------- online_objective

@@ -23,7 +23,8 @@ from rlhf_lab.algorithms import (
 def test_the_registry_names_every_algorithm_and_stage():
     from rlhf_lab.stages import STAGES
 
-    assert algorithm_names() == ("ppo", "reinforce", "rloo", "grpo", "trpo", "dpo", "online_dpo")
+    assert algorithm_names() == ("ppo", "reinforce", "rloo", "grpo", "dr_grpo", "dapo", "gspo", "cispo", "reinforce_pp",
+                                 "reinforce_pp_baseline", "trpo", "dpo", "online_dpo", "orpo", "kto")
     assert set(STAGE_NAMES) == set(STAGES)  # the light table and the stage layer agree
     assert fit_names() == (*BASE_STAGES, "online_rl", *algorithm_names())
     for entry in ALGORITHMS.values():  # every preset and demo config constructs, docs page exists
@@ -35,7 +36,7 @@ def test_the_registry_names_every_algorithm_and_stage():
 def test_a_preset_is_the_stage_defaults_with_its_knobs():
     grpo = get_algorithm("grpo").config()
     assert (grpo.baseline, grpo.kl_in, grpo.kl_estimator, grpo.kl_coef, grpo.algorithm) == \
-        ("group_norm", "loss", "k3", 0.04, "grpo")
+        ("group_norm", "loss", "k3+", 0.04, "grpo")
     assert get_algorithm("grpo").preset_of(grpo) == {}
     tuned = get_algorithm("grpo").demo_config()
     # The demo tunes β and the learning rate on top of the paper's preset, nothing else of GRPO's.

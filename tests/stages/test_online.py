@@ -61,7 +61,9 @@ def _run(make_policy, task, tmp_path, config, iterations=1, name="run"):
 
 def test_presets_are_only_defaults():
     grpo = OnlineRLConfig.preset("grpo")
-    assert (grpo.baseline, grpo.kl_in, grpo.kl_estimator, grpo.samples_per_prompt) == ("group_norm", "loss", "k3", 4)
+    # k3+ (k3's value, an unbiased gradient): the paper's k3 is one override away.
+    assert (grpo.baseline, grpo.kl_in, grpo.kl_estimator, grpo.samples_per_prompt) == ("group_norm", "loss", "k3+", 4)
+    assert OnlineRLConfig.preset("grpo", kl_estimator="k3").kl_estimator == "k3"
     assert OnlineRLConfig.preset("rloo", samples_per_prompt=8).samples_per_prompt == 8
     # A preset is the default config with its registry entry's knobs applied, nothing else.
     for name, knobs in PRESETS.items():
@@ -113,6 +115,10 @@ KNOBS = [
     ("ratio_level", "sequence"), ("aggregation", "seq_mean"), ("whiten_advantages", False),
     ("missing_eos_penalty", 1.0), ("entropy_coef", 0.5), ("ppo_epochs", 1), ("minibatches", 2),
     ("samples_per_prompt", 4), ("temperature", 0.5), ("top_p", 0.5), ("max_new_tokens", 3), ("lr", 1e-3),
+    # The 2025 family: each a knob of the same loop.
+    ("baseline", "group_mean"), ("aggregation", "seq_mean_token_sum_norm"), ("clip_ratio_high", 1e-3),
+    ("dual_clip", 1.0001), ("surrogate", "cispo"), ("returns", "to_go"), ("overlong_buffer", 0.5),
+    ("kl_estimator", "k3+"),
 ]
 
 
@@ -124,6 +130,106 @@ def test_each_knob_changes_the_update(make_policy, task, tmp_path):
         changed, _, _ = _run(make_policy, task, tmp_path, OnlineRLConfig(**{**SMALL, "baseline": "batch_mean",
                                                                           field: value}), name=f"{field}-{value}")
         assert not torch.allclose(changed, base), f"{field}={value} did not change the update"
+
+
+def test_kl_in_the_loss_estimator_and_ratio_weighting_change_the_update(make_policy, task, tmp_path):
+    # k3 and k3+ have equal values but different gradients; π/π_old weighting acts from the 2nd epoch.
+    loss_kl = {**SMALL, "baseline": "batch_mean", "kl_in": "loss", "kl_coef": 1.0, "kl_estimator": "k3"}
+    k3, _, _ = _run(make_policy, task, tmp_path, OnlineRLConfig(**loss_kl), name="k3")
+    for change in ({"kl_estimator": "k3+"}, {"kl_ratio_weighted": True}):
+        other, _, _ = _run(make_policy, task, tmp_path, OnlineRLConfig(**{**loss_kl, **change}), name=str(change))
+        assert not torch.allclose(other, k3), change
+
+
+def _prompt_only(prompts, completions):
+    """Rewards that depend on the completion only for the prompts with an even number of '1's: the
+    other prompts' groups all score 1.0 and carry no signal under a group baseline."""
+    return [len(c) / 10 if p.count("1") % 2 == 0 else 1.0 for p, c in zip(prompts, completions, strict=True)]
+
+
+def test_dynamic_sampling_keeps_groups_that_differ_and_counts_every_sample(make_policy, task):
+    config = OnlineRLConfig(**{**SMALL, "baseline": "group_norm", "dynamic_sampling": True, "max_sampling_rounds": 4})
+    policy = make_policy(seed=0, reference="copy")
+    eos = policy.tokenizer.eos_token_id
+
+    def favour_eos(module, args, output):  # responses of varied lengths, so some groups differ
+        output.logits[..., eos] += 3.0
+        return output
+
+    policy.model.register_forward_hook(favour_eos)
+    stage = OnlineRL(policy, task.rl_prompts(), CallableSource(_prompt_only), config)
+    prompts = task.rl_prompts()[:4]
+    assert any(p.count("1") % 2 for p in prompts), "the test needs groups without signal"
+    torch.manual_seed(0)
+    stage._sampled = (0, 0)
+    rollout = stage.make_rollout(prompts)
+    kept, sampled = stage._kept_groups
+    # Every kept group's scores differ; at most one group per prompt asked for.
+    for g in rollout.group_ids.unique():
+        scores = rollout.scores[rollout.group_ids == g]
+        assert scores.max() > scores.min()
+    assert kept == len(rollout.group_ids.unique()) <= len(prompts)
+    assert sampled > kept  # groups were dropped and more prompts sampled
+    assert stage._sampled[0] == sampled * config.samples_per_prompt  # every sampled row counts
+    # Without it, the uninformative groups stay in the batch.
+    plain = OnlineRL(make_policy(seed=0, reference="copy"), task.rl_prompts(), CallableSource(_prompt_only),
+                     dataclasses.replace(config, dynamic_sampling=False, max_sampling_rounds=3))
+    assert len(plain.make_rollout(prompts)) == len(prompts) * config.samples_per_prompt
+
+
+def test_overlong_penalty_lowers_the_scores_the_update_learns_from(make_policy, task):
+    config = OnlineRLConfig(**{**SMALL, "baseline": "batch_mean", "max_new_tokens": 8, "overlong_buffer": 0.5})
+    stage = OnlineRL(make_policy(seed=0, reference="copy"), task.rl_prompts(), CallableSource(_chars), config)
+    torch.manual_seed(0)
+    rollout = stage.make_rollout(task.rl_prompts()[:4])
+    lengths = rollout.response_lengths.float()
+    # Buffer of 4 tokens before the limit of 8: −(L − 4)/4 for L > 4, so −1 at 8 tokens.
+    expected = rollout.scores - ((lengths - 4).clamp_min(0) / 4)
+    torch.testing.assert_close(stage._training_scores(rollout), expected)
+    assert (lengths > 4).any(), "the test needs responses inside the buffer"
+    # The rewards carry the penalised score: their sum is it, less β times the summed k1 KL.
+    mask = rollout.response_mask.float()
+    kl = ((rollout.logprobs - rollout.ref_logprobs) * mask).sum(dim=1)
+    torch.testing.assert_close(rollout.rewards.sum(dim=1) + config.kl_coef * kl, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["tis", "mis"])
+def test_rollout_correction_weights_replayed_samples_by_the_trainers_log_probs(make_policy, task, tmp_path, mode):
+    """A buffer whose recorded log-probs are not the trainer's (here: shifted, as another sampler
+    or precision would leave them): the stage logs the mismatch and bounds the weights."""
+    from rlhf_lab.rollout import RolloutBuffer
+
+    sampler = OnlineRL(make_policy(seed=0, reference="copy"), task.rl_prompts(), CallableSource(_chars),
+                       OnlineRLConfig(**{**SMALL, "baseline": "batch_mean"}))
+    torch.manual_seed(0)
+    rollout = sampler.make_rollout(task.rl_prompts()[:4])
+    mask = rollout.response_mask.float()
+    noise = torch.randn(rollout.logprobs.shape, generator=torch.Generator().manual_seed(1)) * 0.5
+    rollout.logprobs = rollout.logprobs + noise * mask
+    buffer = RolloutBuffer(sampler.policy.tokenizer.pad_token_id)
+    buffer.add(rollout)
+    config = OnlineRLConfig(**{**SMALL, "baseline": "batch_mean", "rollout_correction": mode,
+                               "rollout_correction_cap": 1.5})
+    stage = OnlineRL(make_policy(seed=0, reference="copy"), task.rl_prompts(), CallableSource(_chars), config,
+                     replay=buffer)
+    stage._correction = None
+    data = stage.annotate(stage._replay_share())
+    # The trainer's log-probs are the policy's own: the recorded ones differ by the noise.
+    diff = ((data.train_logprobs - data.logprobs).abs() * mask).sum() / mask.sum()
+    assert float(diff) > 0.1
+    torch.testing.assert_close(stage._correction["sampling_logprob_diff"], diff, rtol=1e-4, atol=1e-6)
+    weights = data.is_weights[mask.bool()]
+    assert float(weights.max()) <= 1.5 + 1e-6
+    if mode == "tis":
+        assert (weights == 1.5).any()  # truncated, not dropped
+    else:
+        assert (weights == 0).any()  # masked: above the cap
+    trainer = L.Trainer(max_steps=config.steps_per_iteration, max_epochs=-1,
+                        logger=CSVLogger(str(tmp_path), name=mode, version=""), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", log_every_n_steps=1)
+    trainer.fit(stage)
+    logged = {k for k in trainer.logged_metrics}
+    assert {"train/sampling_logprob_diff", "train/is_weight", "train/is_capped_frac"} <= logged
 
 
 def test_adaptive_kl_coef_moves_with_the_observed_kl(make_policy, task, tmp_path):
@@ -256,6 +362,14 @@ INERT = [
       for knob, value in [("gamma", 0.99), ("lam", 1.0), ("vf_coef", 0.1), ("value_clip", None),
                           ("critic_lr", 1e-3)]],
     ("kl_horizon", 500, {}, "kl_target=None"),
+    *[(knob, value, {"clip_ratio": None}, "clip_ratio=None") for knob, value in [("clip_ratio_high", 0.3),
+                                                                                ("dual_clip", 3.0)]],
+    ("dual_clip", 3.0, {"surrogate": "cispo", "clip_ratio_high": 0.28}, "surrogate='cispo'"),
+    ("kl_ratio_weighted", True, {}, "kl_in='reward'"),
+    ("overlong_penalty", 0.5, {}, "overlong_buffer=None"),
+    ("max_sampling_rounds", 5, {}, "dynamic_sampling=False"),
+    ("rollout_correction_level", "sequence", {}, "rollout_correction=None"),
+    ("rollout_correction_cap", 3.0, {}, "rollout_correction=None"),
     ("kl_target", 6.0, {"kl_coef": 0.0}, "kl_coef=0"),
 ]
 
