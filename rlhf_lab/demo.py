@@ -429,7 +429,7 @@ def run_demo(out: str | None = None, config: DemoConfig | None = None, logger: s
     task = get_task(c.task)
     max_new_tokens = c.new_tokens()
     out = out or os.path.join("runs", time.strftime("demo-%Y%m%d-%H%M%S"))
-    if prepare_run_folder(out, resume=resume, overwrite=overwrite)[0] == "finished":
+    if prepare_run_folder(out, resume=resume, overwrite=overwrite, pipeline=True)[0] == "finished":
         with open(os.path.join(out, "summary.json")) as f:
             summary = json.load(f)
         echo(f"{out}: the demo finished already ({summary['rl']['algorithm']}: greedy gold score "

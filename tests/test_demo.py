@@ -55,6 +55,19 @@ def test_quick_demo_writes_the_run_folder(tmp_path, capsys, algorithm):
         assert title in printed
     assert f"wrote {out}/" in printed
 
+    # Interrupted in its last stage (that stage and the demo unfinished): --resume keeps the
+    # finished stages' folders untouched, trains the last stage again and ends with the same numbers.
+    from rlhf_lab.runs.checkpoint import COMPLETE_FILE
+
+    kept = {name: os.stat(os.path.join(out, name, "model.safetensors")).st_mtime_ns
+            for name in ("pretrain", "sft", "reward_model")}
+    for folder in (out, os.path.join(out, algorithm)):
+        os.remove(os.path.join(folder, COMPLETE_FILE))
+    assert main(["demo", "--quick", "--no-progress", "--out", out, "--algorithm", algorithm, "--resume"]) == 0
+    assert {name: os.stat(os.path.join(out, name, "model.safetensors")).st_mtime_ns for name in kept} == kept
+    resumed = _check_run_folder(out, algorithm)
+    assert (resumed["sft"], resumed["rl"]["gold_accuracy"]) == (summary["sft"], summary["rl"]["gold_accuracy"])
+
 
 def test_quick_demo_on_alice_with_the_lstm_toy_model(tmp_path, capsys):
     out = str(tmp_path / "run")

@@ -144,13 +144,17 @@ def _remove_partial_writes(folder: str) -> None:
         log.info("removed %d partial file(s) an interrupted write left in %s", len(partial), folder)
 
 
-def prepare_run_folder(folder: str, resume: bool = False, overwrite: bool = False) -> tuple[str, str | None]:
+def prepare_run_folder(folder: str, resume: bool = False, overwrite: bool = False,
+                       pipeline: bool = False) -> tuple[str, str | None]:
     """Decide what the run in `folder` does; returns (mode, checkpoint path or None).
 
     mode is "new" (empty or missing folder), "finished" (resume on a finished run: nothing to
     train), or "resume" (continue from the checkpoint returned). Without `resume` or `overwrite` a
     folder that holds anything is refused (`RunFolderError`) and no file is touched; `overwrite`
     deletes it; `resume` on an unfinished folder without a checkpoint clears it and starts over.
+    A `pipeline` folder (the demo's) holds one run folder per stage, each with its own
+    checkpoints: `resume` on it never clears anything and returns ("resume", None), every stage
+    then resuming itself.
     """
     if resume and overwrite:
         raise RunFolderError("--resume and --overwrite exclude each other: continue the run, or replace it")
@@ -168,6 +172,8 @@ def prepare_run_folder(folder: str, resume: bool = False, overwrite: bool = Fals
     if finished:
         return "finished", None
     _remove_partial_writes(folder)
+    if pipeline:
+        return "resume", None
     ckpt = find_checkpoint(folder)
     if ckpt is None:
         log.warning("%s holds no checkpoint to resume from (the run stopped before its first one); "
