@@ -1,4 +1,4 @@
-"""The `rlhf-lab` command: demo, fit, generate, eval, compare."""
+"""The `rlhf-lab` command: demo, fit, generate, eval, compare, bench."""
 
 from __future__ import annotations
 
@@ -329,6 +329,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     from rlhf_lab.compare.cli import add_compare_command
 
     add_compare_command(sub)
+    from rlhf_lab.bench import add_bench_command
+
+    add_bench_command(sub)
     return parser
 
 

@@ -66,7 +66,8 @@ from rlhf_lab.models.tokenizer import load_tokenizer
 from rlhf_lab.rollout import Rollout
 from rlhf_lab.sampling import position_ids_from_mask
 
-__all__ = ["Policy", "check_checkpoint_kind", "checkpoint_stage", "first_nonfinite", "position_ids_from_mask"]
+__all__ = ["LOGPROB_CHUNK_ELEMENTS", "Policy", "check_checkpoint_kind", "checkpoint_stage", "first_nonfinite",
+           "head_logprobs", "position_ids_from_mask", "token_logprobs"]
 
 REFERENCE_ADAPTER = "reference"  # a frozen copy of a non-zero initial policy adapter
 
@@ -139,6 +140,177 @@ def first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | 
             n_nan = int(torch.isnan(t).sum())
             return name, f"{n_nan} nan, {int(torch.isinf(t).sum())} inf of {t.numel()} values"
     return None
+
+
+# ---------------------------------------------------------------------- log-probs in bounded memory
+#
+# The plain formula, log_softmax over the vocabulary then gather, holds a (B, T, V) fp32
+# log-softmax, and the entropy adds the softmax and their product: at V = 150k, T = 1024, B = 4
+# each is 2.4 GB. Here no tensor larger than one slice of positions, B × c × V ≤
+# LOGPROB_CHUNK_ELEMENTS, is made besides the logits themselves, and for a large vocabulary
+# (`Policy._logprobs_of`) not even the logits: the LM head runs one slice at a time too.
+LOGPROB_CHUNK_ELEMENTS = 2 ** 22  # 16 MB of fp32 per slice temporary
+
+
+def _slice_positions(batch: int, vocab: int, chunk_size: int | None) -> int:
+    """Positions per slice: `chunk_size`, else as many as keep B × c × V within the budget."""
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return int(chunk_size)
+    return max(1, LOGPROB_CHUNK_ELEMENTS // max(1, batch * vocab))
+
+
+def _slice_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float, with_entropy: bool):
+    """The plain formula on one slice: fp32 log-softmax of logits / τ, the targets' entries, the entropy."""
+    with sampling.fp32(logits):
+        logp_all = (logits.float() / temperature).log_softmax(dim=-1)  # (B, c, V)
+        logp = logp_all.gather(-1, targets[..., None]).squeeze(-1)  # (B, c)
+        if not with_entropy:
+            return logp
+        return logp, -(logp_all.exp() * logp_all).sum(dim=-1)
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """Per-token log-probs (and entropies) of (B, T, V) logits, one slice of positions at a time.
+
+    Forward keeps only the logits (which exist anyway) for backward. Backward recomputes each
+    slice's log-softmax L and p = exp(L) and writes the slice of d/dlogits into one buffer:
+        d logp_t / dz = onehot(x_t) − p,    d H / dz = −p ⊙ (L + H),    z = logits / τ,
+    so grad = (g_logp (onehot − p) − g_H p ⊙ (L + H)) / τ. Under `create_graph` (TRPO's
+    Fisher-vector product differentiates this backward again) the same formula runs as ordinary
+    differentiable ops.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, input_ids, temperature: float, chunk: int, with_entropy: bool):
+        b, t, _ = logits.shape
+        n = t - 1  # column t of the logits predicts token t + 1
+        logp = logits.new_empty((b, n), dtype=torch.float32)
+        entropy = logits.new_empty((b, n), dtype=torch.float32) if with_entropy else None
+        for s in range(0, n, chunk):
+            e = min(s + chunk, n)
+            out = _slice_logprobs(logits[:, s:e], input_ids[:, s + 1:e + 1], temperature, with_entropy)
+            if with_entropy:
+                logp[:, s:e], entropy[:, s:e] = out
+            else:
+                logp[:, s:e] = out
+        ctx.save_for_backward(logits, input_ids)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return (logp, entropy) if with_entropy else logp
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy=None):
+        logits, input_ids = ctx.saved_tensors
+        b, t, v = logits.shape
+        n, tau = t - 1, ctx.temperature
+        graph = torch.is_grad_enabled()  # create_graph: build the gradient from differentiable ops
+        parts: list[torch.Tensor] = []
+        grad = None
+        if not graph:
+            grad = torch.empty_like(logits)
+            grad[:, n:] = 0
+        with sampling.fp32(logits):
+            g_logp = grad_logp.float() / tau
+            g_ent = None if grad_entropy is None else grad_entropy.float() / tau
+            for s in range(0, n, ctx.chunk):
+                e = min(s + ctx.chunk, n)
+                gl, targets = g_logp[:, s:e, None], input_ids[:, s + 1:e + 1, None]
+                logp_all = (logits[:, s:e].float() / tau).log_softmax(dim=-1)
+                p = logp_all.exp()
+                if graph:
+                    g = -p * gl
+                    if g_ent is not None:
+                        h = -(p * logp_all).sum(dim=-1, keepdim=True)
+                        g = g - g_ent[:, s:e, None] * p * (logp_all + h)
+                    parts.append(g.scatter_add(-1, targets, gl))
+                    continue
+                # The same formula in place on the slice's own temporaries.
+                if g_ent is not None:
+                    h = (p * logp_all).sum(dim=-1, keepdim=True).neg_()
+                    g = p.mul_(logp_all.add_(h).mul_(g_ent[:, s:e, None]).add_(gl)).neg_()
+                else:
+                    g = p.mul_(gl).neg_()
+                grad[:, s:e] = g.scatter_add_(-1, targets, gl)
+        if graph:
+            parts.append(logits.new_zeros((b, t - n, v), dtype=torch.float32))
+            grad = torch.cat(parts, dim=1).to(logits.dtype)
+        return grad, None, None, None, None
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                   with_entropy: bool = False, chunk_size: int | None = None):
+    """Teacher-forced log-probs (and entropies) of `logits`, in fp32, a slice of positions at a time.
+
+    `logprobs[:, t] = log softmax(logits[:, t-1] / τ)[input_ids[:, t]]` and
+    `entropy[:, t] = −Σ_v p_v log p_v` of the same distribution; column 0 has no context and is 0.
+    Each slice of `chunk_size` positions (default: as many as keep B × c × V within
+    `LOGPROB_CHUNK_ELEMENTS`) is the plain formula, so the values equal the whole-tensor
+    log-softmax bit for bit, but no (B, T, V) log-softmax or softmax is ever held: with
+    gradients the pass keeps the logits and, in backward, their gradient (`_TokenLogprobs`).
+
+    Shape: logits (B, T, V), input_ids (B, T) → logprobs (B, T) and entropy (B, T) or None.
+    """
+    b, _, v = logits.shape
+    chunk = _slice_positions(b, v, chunk_size)
+    out = _TokenLogprobs.apply(logits, input_ids, float(temperature), chunk, with_entropy)
+    logp, entropy = out if with_entropy else (out, None)
+    logp = nn.functional.pad(logp, (1, 0))
+    return logp, None if entropy is None else nn.functional.pad(entropy, (1, 0))
+
+
+def head_logprobs(head: nn.Module, states: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
+                  with_entropy: bool = False, chunk_size: int | None = None):
+    """`token_logprobs(head(states), ...)` without the (B, T, V) logits: the LM head runs one slice
+    of positions at a time, each slice under activation checkpointing when gradients are on (its
+    logits and softmax are recomputed in backward, one slice at a time).
+
+    Costs one more LM-head product per slice in backward; holds only the states (B, T, H), one
+    slice's (B, c, V) temporaries and the head's weight gradient. Shape: states (B, T, H),
+    input_ids (B, T) → (B, T) and (B, T) or None.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    b, t = input_ids.shape
+    vocab = head.weight.shape[0]
+    chunk = _slice_positions(b, vocab, chunk_size)
+
+    def one_slice(hidden: torch.Tensor, targets: torch.Tensor):
+        return _slice_logprobs(head(hidden), targets, temperature, with_entropy)
+
+    grads = torch.is_grad_enabled() and (states.requires_grad or any(p.requires_grad for p in head.parameters()))
+    outs = []
+    for s in range(0, t - 1, chunk):
+        e = min(s + chunk, t - 1)
+        args = (states[:, s:e], input_ids[:, s + 1:e + 1])
+        outs.append(checkpoint(one_slice, *args, use_reentrant=False) if grads else one_slice(*args))
+    if with_entropy:
+        logp, entropy = (torch.cat(parts, dim=1) for parts in zip(*outs, strict=True))
+        return nn.functional.pad(logp, (1, 0)), nn.functional.pad(entropy, (1, 0))
+    return nn.functional.pad(torch.cat(outs, dim=1), (1, 0)), None
+
+
+@contextlib.contextmanager
+def _head_inputs(head: nn.Module):
+    """Within the block, a forward of the model hands its LM head only the last position and keeps
+    the head's whole input (B, T, H) in the yielded dict under "states" (absent when the head saw
+    anything else than one (B, T, H) tensor, or was called more than once)."""
+    captured: dict = {}
+
+    def pre_hook(module, args, kwargs):
+        captured["calls"] = captured.get("calls", 0) + 1
+        states = args[0] if args else None
+        if captured["calls"] > 1 or not torch.is_tensor(states) or states.dim() != 3:
+            captured.pop("states", None)
+            return None
+        captured["states"] = states
+        return (states[:, -1:], *args[1:]), kwargs
+
+    handle = head.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 class Policy(nn.Module):
@@ -439,6 +611,15 @@ class Policy(nn.Module):
         critic = {id(p) for p in self.critic_parameters()}
         return [p for p in self.trainable_parameters() if id(p) not in critic]
 
+    def train(self, mode: bool = True) -> Policy:
+        """Set the training mode of everything but the frozen reference copy, which stays in eval
+        mode (its dropout off) whatever the policy's mode: Lightning puts the whole module in
+        train mode at every epoch and after each validation."""
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()
+        return self
+
     def disable_dropout(self) -> Policy:
         """Zero every dropout rate, so sampling and the update see the same distribution."""
         for module in self.modules():
@@ -491,16 +672,54 @@ class Policy(nn.Module):
     @staticmethod
     def _token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
                         with_entropy: bool):
-        """Log-probs (and entropies) of `logits`, always in fp32 (see `sampling.fp32`)."""
-        with sampling.fp32(logits):
-            logits = logits[:, :-1].float() / temperature  # (B, T-1, V) predicts tokens 1..T-1
-            logp_all = logits.log_softmax(dim=-1)
-            logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-            logp = nn.functional.pad(logp, (1, 0))  # column 0 has no context
-            if not with_entropy:
-                return logp, None
-            entropy = -(logp_all.exp() * logp_all).sum(dim=-1)
-            return logp, nn.functional.pad(entropy, (1, 0))
+        """Log-probs (and entropies) of `logits`, always in fp32 (see `sampling.fp32`), a slice of
+        positions at a time (`token_logprobs`)."""
+        return token_logprobs(logits, input_ids, temperature, with_entropy)
+
+    def _sliced_head(self, model: PreTrainedModel, input_ids: torch.Tensor) -> nn.Module | None:
+        """`model`'s LM head when its log-probs should run slice by slice (`head_logprobs`): the
+        logits would exceed one slice (B × T × V > LOGPROB_CHUNK_ELEMENTS), the policy is not
+        sharded (a sharded head is whole only inside the model's forward), and the model has not
+        been seen to change its head's output. Else None: the full logits, `token_logprobs`."""
+        if self.is_sharded or id(model) in self.__dict__.setdefault("_unsliced_heads", set()):
+            return None
+        try:
+            head = model.get_output_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
+        weight = getattr(head, "weight", None)
+        if not isinstance(head, nn.Module) or not torch.is_tensor(weight) or weight.dim() != 2:
+            return None
+        return head if input_ids.numel() * max(weight.shape) > LOGPROB_CHUNK_ELEMENTS else None
+
+    def _logprobs_of(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     temperature: float, with_entropy: bool, hidden: bool = False):
+        """`(logprobs, entropy or None, output)` of one forward of `model` (output: its hidden
+        states with `hidden`; its logits are not the whole sequence's on the sliced path).
+
+        When `_sliced_head` gives the LM head, the forward hands the head only the last position
+        (`_head_inputs`) and the head then runs slice by slice on the states it was given
+        (`head_logprobs`): no (B, T, V) tensor at all. The model's returned last-position logits
+        must equal the head's own output there; a model that changes them (logit soft-capping or
+        scaling) is remembered and, from this call on, scored from its full logits.
+        """
+        head = self._sliced_head(model, input_ids)
+        if head is not None:
+            with _head_inputs(head) as captured:
+                out = self._forward(model, input_ids, attention_mask, hidden)
+            states = captured.get("states")
+            if states is not None and states.shape[:2] == input_ids.shape:
+                with torch.no_grad():
+                    own = head(states[:, -1:])
+                if own.shape == out.logits.shape and torch.allclose(own.float(), out.logits.float(),
+                                                                    rtol=1e-5, atol=1e-6):
+                    chunk = _slice_positions(input_ids.shape[0], out.logits.shape[-1], None)
+                    logp, entropy = head_logprobs(head, states, input_ids, temperature, with_entropy, chunk)
+                    return logp, entropy, out
+            self._unsliced_heads.add(id(model))
+        out = self._forward(model, input_ids, attention_mask, hidden)
+        logp, entropy = self._token_logprobs(out.logits, input_ids, temperature, with_entropy)
+        return logp, entropy, out
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  temperature: float = 1.0, return_entropy: bool = False):
@@ -508,9 +727,9 @@ class Policy(nn.Module):
 
         Shape: input (B, T) → (B, T), column 0 is 0. With `return_entropy` also returns the
         entropy (nats) of the next-token distribution each token was drawn from, (B, T).
+        Memory: no (B, T, V) log-softmax or softmax is held (see `_logprobs_of`).
         """
-        out = self._forward(self.model, input_ids, attention_mask)
-        logp, entropy = self._token_logprobs(out.logits, input_ids, temperature, return_entropy)
+        logp, entropy, _ = self._logprobs_of(self.model, input_ids, attention_mask, temperature, return_entropy)
         return (logp, entropy) if return_entropy else logp
 
     def logprobs_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -520,8 +739,7 @@ class Policy(nn.Module):
             logp, entropy = self.logprobs(input_ids, attention_mask, temperature, return_entropy=True)
             return logp, entropy, self.values(input_ids, attention_mask)
         self._require_head("logprobs_and_values")
-        out = self._forward(self.model, input_ids, attention_mask, hidden=True)
-        logp, entropy = self._token_logprobs(out.logits, input_ids, temperature, True)
+        logp, entropy, out = self._logprobs_of(self.model, input_ids, attention_mask, temperature, True, hidden=True)
         return logp, entropy, self._values_from_hidden(out.hidden_states[-1], self.scalar_head)
 
     @property
@@ -555,23 +773,32 @@ class Policy(nn.Module):
                 model.set_adapter(self.adapter_name)
             _restore_requires_grad(flags)
 
-    @torch.no_grad()
+    def _no_graph(self) -> contextlib.AbstractContextManager:
+        return torch.no_grad() if self.is_sharded else torch.inference_mode()
+
     def ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      temperature: float = 1.0) -> torch.Tensor:
-        """`logprobs` under the frozen reference policy (in eval mode, like a frozen copy). Shape: (B, T)."""
+        """`logprobs` under the frozen reference policy (in eval mode, like a frozen copy). Shape: (B, T).
+
+        The pass runs under `torch.inference_mode` (no graph, no view or version tracking; a sharded
+        policy's, under `no_grad`, as FSDP's gathers must stay ordinary tensors); the result is an
+        ordinary tensor, so losses may use it beside tensors that need gradients.
+        """
         if not self.has_reference:
             raise ValueError("this Policy has no reference (construct it with reference='copy')")
         if self.reference is not None:
-            out = self._forward(self.reference, input_ids, attention_mask)
-        else:  # the shared base, adapter off (or the frozen reference adapter on)
-            was_training = self.model.training
-            self.model.eval()
-            try:
-                with self._adapter(self._reference_adapter):
-                    out = self._forward(self.model, input_ids, attention_mask)
-            finally:
-                self.model.train(was_training)
-        return self._token_logprobs(out.logits, input_ids, temperature, False)[0]
+            with self._no_graph():
+                logp = self._logprobs_of(self.reference, input_ids, attention_mask, temperature, False)[0]
+            return logp.clone()
+        # The shared base, adapter off (or the frozen reference adapter on), for the whole computation.
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with self._adapter(self._reference_adapter), self._no_graph():
+                logp = self._logprobs_of(self.model, input_ids, attention_mask, temperature, False)[0]
+        finally:
+            self.model.train(was_training)
+        return logp.clone()
 
     @property
     def has_values(self) -> bool:
@@ -622,6 +849,7 @@ class Policy(nn.Module):
         samples_per_prompt: int = 1,
         suppress_eos: bool = False,
         generator: torch.Generator | None = None,
+        decoder: str = "auto",
     ) -> Rollout:
         """Sample responses for a batch of prompts, with a KV cache, stopping at EOS.
 
@@ -631,11 +859,14 @@ class Policy(nn.Module):
         rows (`group_ids` names the prompt). The recorded `logprobs` are those of the
         temperature-scaled full distribution (before top-p truncation and EOS suppression), so
         they equal `logprobs(..., temperature)` recomputed on the returned sequences.
-        `suppress_eos` forbids EOS (fixed-length responses, as in the benchmark). The loop itself
-        is `rlhf_lab.sampling.generate`.
+        `suppress_eos` forbids EOS (fixed-length responses, as in the benchmark). `decoder`:
+        "auto" decodes on a preallocated KV cache with plain tensor ops where the architecture has
+        such a decoder (`rlhf_lab.decoding`: GPT-2, the Llama family; not under LoRA or autocast)
+        and through the model's own forward otherwise; "model" always uses the model's forward;
+        "static" requires the fast decoder. The loop itself is `rlhf_lab.sampling.generate`.
         """
         with self.gathered():  # a sharded policy: whole on every rank, so ranks may stop at different lengths
             return sampling.generate(self.model, self.tokenizer, prompts, max_new_tokens=max_new_tokens,
                                      temperature=temperature, top_p=top_p, greedy=greedy,
                                      samples_per_prompt=samples_per_prompt, suppress_eos=suppress_eos,
-                                     generator=generator)
+                                     generator=generator, decoder=decoder)

@@ -25,10 +25,11 @@ import logging
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from rlhf_lab import decoding
 from rlhf_lab.rollout import Rollout
 
-__all__ = ["check_sampling", "decode_responses", "encode_prompts", "fp32", "generate", "position_ids_from_mask",
-           "top_p_filter"]
+__all__ = ["check_sampling", "decode_responses", "encode_prompts", "fp32", "generate", "inverse_cdf_sample",
+           "position_ids_from_mask", "top_p_filter"]
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,17 @@ def _cache_keyword(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(_unwrapped(model).forward).parameters else "past_key_values"
 
 
+def _last_logits_only(model: torch.nn.Module) -> dict:
+    """`{"logits_to_keep": 1}` when `model.forward` takes it (Hugging Face causal LMs since
+    transformers 4.45; a peft wrapper passes it on), else {}.
+
+    The prompt pass then computes the logits of its last position only instead of a (B, P, V)
+    tensor of which the loop reads one column: at V = 150k, 64 prompts of 512 tokens that tensor
+    alone is 20 GB. The decode steps feed one token, so for them it changes nothing.
+    """
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(_unwrapped(model).forward).parameters else {}
+
+
 def _returned_cache(output, model: torch.nn.Module):
     """The KV cache a forward pass of `model` returned, to pass back on the next step.
 
@@ -151,6 +163,7 @@ def generate(
     samples_per_prompt: int = 1,
     suppress_eos: bool = False,
     generator: torch.Generator | None = None,
+    decoder: str = "auto",
 ) -> Rollout:
     """Sample up to `max_new_tokens` per row (see `Policy.generate` for the arguments).
 
@@ -159,72 +172,110 @@ def generate(
     Each prompt fills `samples_per_prompt` adjacent rows: `group_ids[i] = i // samples_per_prompt`.
     """
     check_sampling(max_new_tokens, temperature, top_p, greedy, samples_per_prompt)
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {decoder!r}")
     was_training = model.training
     model.eval()
     try:
         return _sample(model, tokenizer, prompts, max_new_tokens, temperature if not greedy else 1.0,
-                       top_p, greedy, samples_per_prompt, suppress_eos, generator)
+                       top_p, greedy, samples_per_prompt, suppress_eos, generator, decoder)
     finally:
         model.train(was_training)
 
 
+# "auto": the static-cache decoder where the model has one (`rlhf_lab.decoding`), else the model's
+# own forward; "static": that decoder or a ValueError; "model": always the model's own forward.
+DECODERS = ("auto", "static", "model")
+# A host sync (`finished.all()`, the live-row count) once every this many tokens, not every token:
+# on an accelerator each one stalls the queue. Steps run past the last EOS are cut off the result.
+STOP_CHECK_EVERY = 8
+# At a check, finished rows leave the batch when at most this fraction of the rows still decodes.
+DROP_FINISHED_BELOW = 0.5
+
+
+class _ModelSteps:
+    """The model's own forward and `DynamicCache`: the decode steps of any causal LM."""
+
+    def __init__(self, model):
+        self.model, self.cache_kw, self.last_only = model, _cache_keyword(model), _last_logits_only(model)
+        self.cache = self.mask = self.positions = None
+
+    def prefill(self, prompt_ids, prompt_mask, positions, repeats):
+        if repeats > 1:
+            prompt_ids, prompt_mask, positions = (x.repeat_interleave(repeats, dim=0)
+                                                  for x in (prompt_ids, prompt_mask, positions))
+        return self._forward(prompt_ids, prompt_mask, positions)
+
+    def step(self, tokens, attend):
+        # The next step attends to this token only if it is part of a live response.
+        return self._forward(tokens[:, None], torch.cat([self.mask, attend.long()[:, None]], dim=1),
+                             self.positions[:, -1:] + 1)
+
+    def _forward(self, ids, mask, positions):
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                         **{self.cache_kw: self.cache}, **self.last_only)
+        self.cache, self.mask, self.positions = _returned_cache(out, self.model), mask, positions
+        return out.logits[:, -1]
+
+
 def _sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greedy, samples_per_prompt,
-            suppress_eos, generator) -> Rollout:
+            suppress_eos, generator, decoder) -> Rollout:
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encode_prompts(tokenizer, prompts, device)
     limit = getattr(model.config, "max_position_embeddings", None)
     prompt_ids, prompt_mask = _fit_positions(prompt_ids, prompt_mask, max_new_tokens, limit)
-    if samples_per_prompt > 1:
-        prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
-        prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
-    b = prompt_ids.shape[0]
-    device = prompt_ids.device
+    b, n_prompt = len(prompts) * samples_per_prompt, prompt_ids.shape[1]
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    finished = torch.zeros(b, dtype=torch.bool, device=device)
-    tokens, logps, alive = [], [], []
-    mask = prompt_mask
-    positions = position_ids_from_mask(prompt_mask)
-    step_ids, step_pos, cache = prompt_ids, positions, None
-    cache_kw = _cache_keyword(model)
-    for _ in range(max_new_tokens):
-        out = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                    use_cache=True, **{cache_kw: cache})
-        cache = _returned_cache(out, model)
-        with fp32(out.logits):  # the distribution and the recorded log-probs are fp32 (see above)
-            logits = out.logits[:, -1].float() / temperature  # (B, V)
-            logp_all = logits.log_softmax(dim=-1)
-            sample_logits = logits
-            if suppress_eos:
-                sample_logits = sample_logits.clone()
-                sample_logits[:, eos] = float("-inf")
-            if greedy:
-                token = sample_logits.argmax(dim=-1)
-            else:
-                if top_p < 1.0:
-                    sample_logits = top_p_filter(sample_logits, top_p)
-                probs = sample_logits.softmax(dim=-1)
-                token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-            live = ~finished
-            token = torch.where(live, token, torch.full_like(token, pad))
-            logp = logp_all.gather(-1, token[:, None]).squeeze(-1) * live
-        tokens.append(token)
-        logps.append(logp)
-        alive.append(live)
+    steps = None
+    if decoder in ("auto", "static"):
+        steps = decoding.static_decoder(model, b, n_prompt + max_new_tokens)
+        if steps is None and decoder == "static":
+            raise ValueError(f"decoder='static': no static decoder for {decoding.unsupported_reason(model)}")
+    if steps is None:
+        steps = _ModelSteps(model)
+    # The prompt pass runs each prompt once; its samples_per_prompt rows share the result.
+    if isinstance(steps, _ModelSteps):
+        logits = steps.prefill(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), samples_per_prompt)
+    else:
+        logits = steps.prefill(prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), samples_per_prompt,
+                               **{_cache_keyword(model): None}, **_last_logits_only(model))
+    tokens = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=device)
+    logps = torch.zeros((b, max_new_tokens), device=device)
+    alive = torch.zeros((b, max_new_tokens), dtype=torch.bool, device=device)
+    rows = torch.arange(b, device=device)  # the batch's rows still decoding (all of them until a drop)
+    finished = torch.zeros(b, dtype=torch.bool, device=device)  # of `rows`
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read at the stop checks only
+    for step in range(max_new_tokens):
+        nonfinite |= ~torch.isfinite(logits).all()
+        token, logp = _next_tokens(logits, rows, b, temperature, top_p, greedy, suppress_eos, eos, generator)
+        live = ~finished
+        token = torch.where(live, token, torch.full_like(token, pad))
+        tokens[rows, step], logps[rows, step], alive[rows, step] = token, logp * live, live
         finished = finished | (live & (token == eos))
-        # The next step attends to this token only if it is part of a live response.
-        mask = torch.cat([mask, live.long()[:, None]], dim=1)
-        step_pos = step_pos[:, -1:] + 1
-        step_ids = token[:, None]
-        if bool(finished.all()):
+        if step + 1 == max_new_tokens:
             break
-    response_ids = torch.stack(tokens, dim=1)  # (B, N)
-    response_mask = torch.stack(alive, dim=1).long()
-    n_prompt = prompt_ids.shape[1]
+        if (step + 1) % STOP_CHECK_EVERY == 0:
+            _check_finite(nonfinite, step)
+            decoding_rows = int((~finished).sum())
+            if decoding_rows == 0:
+                break
+            if hasattr(steps, "keep") and decoding_rows <= DROP_FINISHED_BELOW * len(rows):
+                keep = (~finished).nonzero().squeeze(1)
+                steps.keep(keep)
+                rows, finished, token, live = rows[keep], finished[keep], token[keep], live[keep]
+        logits = steps.step(token, live)
+    _check_finite(nonfinite, step)
+    # Columns after the last live token (run between two stop checks) are cut: the result is the
+    # one a loop checking after every token gives.
+    used = int(alive.any(dim=0).nonzero().max()) + 1 if bool(alive.any()) else 1
+    response_ids, response_mask, logps = tokens[:, :used], alive[:, :used].long(), logps[:, :used]
+    ended = (response_ids == eos).logical_and(response_mask.bool()).any(dim=1)
+    prompt_ids = prompt_ids.repeat_interleave(samples_per_prompt, dim=0)
+    prompt_mask = prompt_mask.repeat_interleave(samples_per_prompt, dim=0)
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1)
     full_response_mask = torch.cat([torch.zeros_like(prompt_mask), response_mask], dim=1)
-    logprobs = torch.cat([torch.zeros_like(prompt_ids, dtype=torch.float),
-                          torch.stack(logps, dim=1)], dim=1)
+    logprobs = torch.cat([torch.zeros_like(prompt_ids, dtype=torch.float), logps], dim=1)
     repeated = [p for p in prompts for _ in range(samples_per_prompt)]
     return Rollout(
         input_ids=input_ids,
@@ -233,7 +284,57 @@ def _sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greed
         logprobs=logprobs,
         prompt_length=n_prompt,
         group_ids=torch.arange(len(prompts), device=device).repeat_interleave(samples_per_prompt),
-        ended_with_eos=finished,
+        ended_with_eos=ended,
         prompts=repeated,
         completions=decode_responses(tokenizer, response_ids, response_mask),
     )
+
+
+def _check_finite(nonfinite: torch.Tensor, step: int) -> None:
+    if bool(nonfinite):
+        from rlhf_lab.errors import NonFiniteError
+
+        raise NonFiniteError(f"generate: the model's next-token logits were NaN or infinite by new token "
+                             f"{step + 1} (non-finite weights or activations)")
+
+
+def _next_tokens(logits, rows, batch, temperature, top_p, greedy, suppress_eos, eos, generator):
+    """The next token of each decoding row and its log-prob under the temperature-scaled full
+    distribution (before top-p and EOS suppression), both (len(rows),).
+
+    A token is drawn by inverting its row's cumulative distribution at a uniform u ∈ [0, 1):
+    the first token whose cumulative probability (float64) exceeds u · total. One uniform per row
+    per step, where `torch.multinomial` draws one exponential per vocabulary entry (at a 150k
+    vocabulary that is most of a decode step), and the draws do not depend on torch's multinomial
+    kernel, which changed between versions. Uniforms are drawn for all `batch` rows every step,
+    also for rows that left the batch, so dropping finished rows does not change the other rows'
+    draws.
+    """
+    with fp32(logits):  # the distribution and the recorded log-probs are fp32 (see above)
+        logits = logits.float() / temperature  # (R, V)
+        logp_all = logits.log_softmax(dim=-1)
+        sample_logits = logits
+        if suppress_eos:
+            sample_logits = sample_logits.clone()
+            sample_logits[:, eos] = float("-inf")
+        if greedy:
+            token = sample_logits.argmax(dim=-1)
+        else:
+            if top_p < 1.0:
+                sample_logits = top_p_filter(sample_logits, top_p)
+            u = torch.rand(batch, generator=generator, device=logits.device, dtype=torch.float64)
+            token = inverse_cdf_sample(sample_logits.softmax(dim=-1), u if len(rows) == batch else u[rows])
+        return token, logp_all.gather(-1, token[:, None]).squeeze(-1)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Row i's token: the first index whose cumulative probability (float64) exceeds u_i · total_i.
+
+    A token of probability 0 is never drawn (its cumulative value equals the one before it), nor
+    an index past the last token of positive probability. Shapes: probs (R, V), u (R,) in [0, 1)
+    → (R,) long.
+    """
+    cdf = probs.double().cumsum(dim=-1)
+    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
+    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1)  # the last index of positive probability
+    return torch.minimum(token, last)
