@@ -74,7 +74,16 @@ def test_wandb_offline_without_an_api_key_with_project_group_tags_and_config(mak
     # The run id given (a resumed run passes the one it started with) names the wandb run.
     assert seen["id"] == "resumable01" and runs[0].endswith("-resumable01")
     # Offline runs keep the config in the .wandb record file (no config.yaml until synced).
+    # wandb's writer is a separate process that may still be flushing the file after finish()
+    # returns: read it again until the records are there, for at most a minute.
+    import time
+
     records = [f for f in os.listdir(tmp_path / "wandb" / runs[0]) if f.endswith(".wandb")]
-    data = (tmp_path / "wandb" / runs[0] / records[0]).read_bytes()
+    deadline = time.monotonic() + 60
+    while True:
+        data = (tmp_path / "wandb" / runs[0] / records[0]).read_bytes()
+        if (b"block_size" in data and b"cmp-1" in data) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert b"block_size" in data and b"cmp-1" in data
     assert os.path.exists(tmp_path / "pretrain" / "metrics.csv")
