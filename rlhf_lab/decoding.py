@@ -33,6 +33,7 @@ slower.
 
 from __future__ import annotations
 
+import abc
 import math
 import sys
 
@@ -138,7 +139,7 @@ def _linear(module: nn.Module, batch: int, transposed: bool = False) -> _Linear:
 # --------------------------------------------------------------------------- the decoder
 
 
-class StaticDecoder:
+class StaticDecoder(abc.ABC):
     """One `generate` call's decode state: the KV cache, the mask, each row's next position.
 
     `prefill` runs the prompts; then each `step(tokens, attend)` feeds one token per row and
@@ -221,8 +222,9 @@ class StaticDecoder:
                                              attn_mask=self.bias[:, None, None, :t + 1], scale=scale)
         return out.reshape(b, heads * d)
 
+    @abc.abstractmethod
     def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, t: int) -> torch.Tensor:
-        raise NotImplementedError  # each family defines its step
+        """The family's decode step: logits (B, V) of `tokens` (B,) at `positions` (B,), cache column t."""
 
 
 class GPT2Decoder(StaticDecoder):
