@@ -206,9 +206,10 @@ class _ModelSteps:
                                                   for x in (prompt_ids, prompt_mask, positions))
         return self._forward(prompt_ids, prompt_mask, positions)
 
-    def step(self, tokens, attend):
-        # The next step attends to this token only if it is part of a live response.
-        return self._forward(tokens[:, None], torch.cat([self.mask, attend.long()[:, None]], dim=1),
+    def step(self, tokens, attend=None):
+        # Later steps attend to this token unless `attend` says otherwise for its row.
+        column = torch.ones_like(tokens) if attend is None else attend.long()
+        return self._forward(tokens[:, None], torch.cat([self.mask, column[:, None]], dim=1),
                              self.positions[:, -1:] + 1)
 
     def _forward(self, ids, mask, positions):
@@ -246,11 +247,14 @@ def _sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greed
     finished = torch.zeros(b, dtype=torch.bool, device=device)  # of `rows`
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # read at the stop checks only
     for step in range(max_new_tokens):
-        nonfinite |= ~torch.isfinite(logits).all()
         token, logp = _next_tokens(logits, rows, b, temperature, top_p, greedy, suppress_eos, eos, generator)
+        # NaN or +inf logits make the whole row's log-softmax, so the drawn token's log-prob,
+        # non-finite: checking the R drawn log-probs costs far less than the R × V logits.
+        nonfinite |= ~torch.isfinite(logp).all()
         live = ~finished
         token = torch.where(live, token, torch.full_like(token, pad))
-        tokens[rows, step], logps[rows, step], alive[rows, step] = token, logp * live, live
+        at = slice(None) if len(rows) == b else rows  # a plain column write until rows leave
+        tokens[at, step], logps[at, step], alive[at, step] = token, logp * live, live
         finished = finished | (live & (token == eos))
         if step + 1 == max_new_tokens:
             break
@@ -263,7 +267,10 @@ def _sample(model, tokenizer, prompts, max_new_tokens, temperature, top_p, greed
                 keep = (~finished).nonzero().squeeze(1)
                 steps.keep(keep)
                 rows, finished, token, live = rows[keep], finished[keep], token[keep], live[keep]
-        logits = steps.step(token, live)
+        # Every fed token is attended, also a finished row's padding: it only reaches that row's
+        # own later steps, whose draws are discarded. So the static decoder attends without a
+        # mask unless a prompt is padded.
+        logits = steps.step(token)
     _check_finite(nonfinite, step)
     # Columns after the last live token (run between two stop checks) are cut: the result is the
     # one a loop checking after every token gives.
@@ -311,7 +318,9 @@ def _next_tokens(logits, rows, batch, temperature, top_p, greedy, suppress_eos, 
     draws.
     """
     with fp32(logits):  # the distribution and the recorded log-probs are fp32 (see above)
-        logits = logits.float() / temperature  # (R, V)
+        logits = logits.float()  # (R, V)
+        if temperature != 1.0:
+            logits = logits / temperature
         logp_all = logits.log_softmax(dim=-1)
         sample_logits = logits
         if suppress_eos:
@@ -335,6 +344,10 @@ def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     → (R,) long.
     """
     cdf = probs.double().cumsum(dim=-1)
-    token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)
-    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1)  # the last index of positive probability
-    return torch.minimum(token, last)
+    total = cdf[:, -1]
+    # u · total rounds up to total itself for u within 2⁻⁵³ of 1; the largest double below the
+    # total still lands on a token of positive probability, never past the last one.
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    # The clamp keeps a row of NaN probabilities (non-finite logits, reported at the next stop
+    # check) in range.
+    return torch.searchsorted(cdf, x[:, None], right=True).squeeze(-1).clamp_(max=probs.shape[-1] - 1)

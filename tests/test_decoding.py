@@ -153,6 +153,40 @@ def test_mkldnn_packed_products_equal_linear_in_any_batch():
         assert linear.packed is not None
 
 
+@pytest.mark.skipif(not decoding._mkldnn_ok(torch.zeros(2, 2)), reason="oneDNN prepacking is off in this build")
+def test_packed_weights_are_kept_between_calls_until_the_weight_changes(tokenizer):
+    """A packed weight is reused by the next call while its weight is unchanged, and packed afresh
+    after each kind of update: an optimiser-style in-place write, `load_state_dict`, and a write
+    through `.data` (which torch's version counter does not see). After every update the decoder's
+    logits still equal the model's forward."""
+    model = _tiny("gpt2", len(tokenizer))
+    ids, mask = sampling.encode_prompts(tokenizer, PROMPTS[:1], torch.device("cpu"))
+    positions = sampling.position_ids_from_mask(mask)
+    attn = model.transformer.h[0].attn
+
+    def packed_qkv_and_logits():
+        decoder = decoding.static_decoder(model, batch=1, capacity=ids.shape[1] + 1)
+        decoder.prefill(ids, mask, positions)
+        step = decoder.step(torch.tensor([5]), torch.tensor([True]))
+        whole = model(input_ids=torch.cat([ids, torch.tensor([[5]])], dim=1)).logits[:, -1]
+        torch.testing.assert_close(step, whole, atol=1e-5, rtol=1e-5)
+        return decoder.blocks[0][1].packed
+
+    first = packed_qkv_and_logits()
+    assert packed_qkv_and_logits() is first  # unchanged weight: the same packed tensor
+    with torch.no_grad():
+        attn.c_attn.weight.mul_(0.5)  # as an optimiser step writes
+    second = packed_qkv_and_logits()
+    assert second is not first
+    model.load_state_dict({k: v.clone() * 1.1 for k, v in model.state_dict().items()})
+    third = packed_qkv_and_logits()
+    assert third is not second
+    attn.c_attn.weight.data.add_(0.25)  # torch does not count this one
+    assert packed_qkv_and_logits() is not third
+    decoding.clear_packed_weights()
+    assert decoding._PACKED.get(attn.c_attn) is None
+
+
 def test_unsupported_models_fall_back_to_their_own_forward(make_policy, tokenizer):
     from rlhf_lab.models.backbones import build_tiny_model
     from rlhf_lab.models.lora import LoraSettings
