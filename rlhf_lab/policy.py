@@ -67,7 +67,7 @@ from rlhf_lab.rollout import Rollout
 from rlhf_lab.sampling import position_ids_from_mask
 
 __all__ = ["LOGPROB_CHUNK_ELEMENTS", "Policy", "check_checkpoint_kind", "checkpoint_stage", "first_nonfinite",
-           "head_logprobs", "position_ids_from_mask", "token_logprobs"]
+           "first_scored_column", "head_logprobs", "position_ids_from_mask", "token_logprobs"]
 
 REFERENCE_ADAPTER = "reference"  # a frozen copy of a non-zero initial policy adapter
 
@@ -288,6 +288,17 @@ def head_logprobs(head: nn.Module, states: torch.Tensor, input_ids: torch.Tensor
         logp, entropy = (torch.cat(parts, dim=1) for parts in zip(*outs, strict=True))
         return nn.functional.pad(logp, (1, 0)), nn.functional.pad(entropy, (1, 0))
     return nn.functional.pad(torch.cat(outs, dim=1), (1, 0)), None
+
+
+def first_scored_column(mask: torch.Tensor) -> int:
+    """The first column where any row of `mask` (B, T) is nonzero: the `start` of a log-prob pass
+    whose loss reads only `mask`ed columns (T when none is). Reads the mask on the host."""
+    columns = mask.any(dim=0).nonzero()
+    return int(columns[0]) if len(columns) else mask.shape[1]
+
+
+def _takes_logits_to_keep(model: nn.Module) -> bool:
+    return bool(sampling._last_logits_only(model))
 
 
 @contextlib.contextmanager
@@ -660,13 +671,19 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 hidden: bool = False):
+                 hidden: bool = False, logits_to_keep: int | None = None):
+        """One forward of `model`; with `logits_to_keep` = k, its LM head runs on the last k
+        positions only (where the model takes that argument; else all of them, the same values)."""
+        kwargs = {}
+        if logits_to_keep is not None and _takes_logits_to_keep(model):
+            kwargs["logits_to_keep"] = logits_to_keep
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids_from_mask(attention_mask),
             output_hidden_states=hidden,
             use_cache=False,
+            **kwargs,
         )
 
     @staticmethod
@@ -693,9 +710,14 @@ class Policy(nn.Module):
         return head if input_ids.numel() * max(weight.shape) > LOGPROB_CHUNK_ELEMENTS else None
 
     def _logprobs_of(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     temperature: float, with_entropy: bool, hidden: bool = False):
+                     temperature: float, with_entropy: bool, hidden: bool = False, start: int = 1):
         """`(logprobs, entropy or None, output)` of one forward of `model` (output: its hidden
         states with `hidden`; its logits are not the whole sequence's on the sliced path).
+
+        Only columns `start`..T-1 are scored; the ones before are 0. The LM head then runs on the
+        T − start + 1 positions that predict them (`logits_to_keep`), not on the prompt: for the
+        benchmark's GRPO that is 33 of 49 positions, in the forward, the backward and the
+        reference pass.
 
         When `_sliced_head` gives the LM head, the forward hands the head only the last position
         (`_head_inputs`) and the head then runs slice by slice on the states it was given
@@ -703,6 +725,14 @@ class Policy(nn.Module):
         must equal the head's own output there; a model that changes them (logit soft-capping or
         scaling) is remembered and, from this call on, scored from its full logits.
         """
+        t = input_ids.shape[1]
+        start = min(max(1, int(start)), max(1, t - 1))
+        keep = t - start + 1  # the positions whose logits predict columns start..T-1
+
+        def widen(logp: torch.Tensor | None) -> torch.Tensor | None:
+            # (B, keep) scored from column start - 1 → (B, T): columns before start are 0
+            return logp if logp is None or start == 1 else nn.functional.pad(logp[:, 1:], (start, 0))
+
         head = self._sliced_head(model, input_ids)
         if head is not None:
             with _head_inputs(head) as captured:
@@ -714,32 +744,40 @@ class Policy(nn.Module):
                 if own.shape == out.logits.shape and torch.allclose(own.float(), out.logits.float(),
                                                                     rtol=1e-5, atol=1e-6):
                     chunk = _slice_positions(input_ids.shape[0], out.logits.shape[-1], None)
-                    logp, entropy = head_logprobs(head, states, input_ids, temperature, with_entropy, chunk)
-                    return logp, entropy, out
+                    logp, entropy = head_logprobs(head, states[:, start - 1:], input_ids[:, start - 1:], temperature,
+                                                  with_entropy, chunk)
+                    return widen(logp), widen(entropy), out
             self._unsliced_heads.add(id(model))
-        out = self._forward(model, input_ids, attention_mask, hidden)
-        logp, entropy = self._token_logprobs(out.logits, input_ids, temperature, with_entropy)
-        return logp, entropy, out
+        out = self._forward(model, input_ids, attention_mask, hidden, logits_to_keep=keep if start > 1 else None)
+        logits = out.logits[:, -keep:] if start > 1 else out.logits
+        logp, entropy = self._token_logprobs(logits, input_ids[:, start - 1:], temperature, with_entropy)
+        return widen(logp), widen(entropy), out
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 temperature: float = 1.0, return_entropy: bool = False):
+                 temperature: float = 1.0, return_entropy: bool = False, start: int = 1):
         """Teacher-forced log-prob of each token given the ones before it.
 
         Shape: input (B, T) → (B, T), column 0 is 0. With `return_entropy` also returns the
         entropy (nats) of the next-token distribution each token was drawn from, (B, T).
-        Memory: no (B, T, V) log-softmax or softmax is held (see `_logprobs_of`).
+        `start`: the first column scored; the columns before it are 0 and the LM head does not run
+        on the positions that predict them (pass the first column of a loss mask: the prompt of
+        an SFT or RL batch costs no head product, log-softmax or their backward). Memory: no
+        (B, T, V) log-softmax or softmax is held (see `_logprobs_of`).
         """
-        logp, entropy, _ = self._logprobs_of(self.model, input_ids, attention_mask, temperature, return_entropy)
+        logp, entropy, _ = self._logprobs_of(self.model, input_ids, attention_mask, temperature, return_entropy,
+                                             start=start)
         return (logp, entropy) if return_entropy else logp
 
     def logprobs_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                            temperature: float = 1.0):
-        """`(logprobs, entropy, values)`: what a PPO update needs (one pass without a separate critic)."""
+                            temperature: float = 1.0, start: int = 1):
+        """`(logprobs, entropy, values)`: what a PPO update needs (one pass without a separate
+        critic). `start` as in `logprobs` (the values are every column's)."""
         if self.has_separate_critic:
-            logp, entropy = self.logprobs(input_ids, attention_mask, temperature, return_entropy=True)
+            logp, entropy = self.logprobs(input_ids, attention_mask, temperature, return_entropy=True, start=start)
             return logp, entropy, self.values(input_ids, attention_mask)
         self._require_head("logprobs_and_values")
-        logp, entropy, out = self._logprobs_of(self.model, input_ids, attention_mask, temperature, True, hidden=True)
+        logp, entropy, out = self._logprobs_of(self.model, input_ids, attention_mask, temperature, True, hidden=True,
+                                               start=start)
         return logp, entropy, self._values_from_hidden(out.hidden_states[-1], self.scalar_head)
 
     @property
@@ -777,8 +815,9 @@ class Policy(nn.Module):
         return torch.no_grad() if self.is_sharded else torch.inference_mode()
 
     def ref_logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     temperature: float = 1.0) -> torch.Tensor:
-        """`logprobs` under the frozen reference policy (in eval mode, like a frozen copy). Shape: (B, T).
+                     temperature: float = 1.0, start: int = 1) -> torch.Tensor:
+        """`logprobs` under the frozen reference policy (in eval mode, like a frozen copy), from
+        column `start` (see `logprobs`). Shape: (B, T).
 
         The pass runs under `torch.inference_mode` (no graph, no view or version tracking; a sharded
         policy's, under `no_grad`, as FSDP's gathers must stay ordinary tensors); the result is an
@@ -788,14 +827,14 @@ class Policy(nn.Module):
             raise ValueError("this Policy has no reference (construct it with reference='copy')")
         if self.reference is not None:
             with self._no_graph():
-                logp = self._logprobs_of(self.reference, input_ids, attention_mask, temperature, False)[0]
+                logp = self._logprobs_of(self.reference, input_ids, attention_mask, temperature, False, start=start)[0]
             return logp.clone()
         # The shared base, adapter off (or the frozen reference adapter on), for the whole computation.
         was_training = self.model.training
         self.model.eval()
         try:
             with self._adapter(self._reference_adapter), self._no_graph():
-                logp = self._logprobs_of(self.model, input_ids, attention_mask, temperature, False)[0]
+                logp = self._logprobs_of(self.model, input_ids, attention_mask, temperature, False, start=start)[0]
         finally:
             self.model.train(was_training)
         return logp.clone()
@@ -822,16 +861,17 @@ class Policy(nn.Module):
             return self.critic.values(input_ids, attention_mask)
         if self.critic_adapter is not None:
             with self._adapter(self.critic_adapter):
-                out = self._forward(self.model, input_ids, attention_mask, hidden=True)
+                out = self._forward(self.model, input_ids, attention_mask, hidden=True, logits_to_keep=1)
             return self._values_from_hidden(out.hidden_states[-1], self.critic_head)
         self._require_head("values")
-        out = self._forward(self.model, input_ids, attention_mask, hidden=True)
+        out = self._forward(self.model, input_ids, attention_mask, hidden=True, logits_to_keep=1)
         return self._values_from_hidden(out.hidden_states[-1], self.scalar_head)
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per sequence: the head read at the last real (non-pad) token. Shape: (B,)."""
         self._require_head("scores")
-        out = self._forward(self.model, input_ids, attention_mask, hidden=True)
+        # The LM head's logits are not used: it runs on one position only.
+        out = self._forward(self.model, input_ids, attention_mask, hidden=True, logits_to_keep=1)
         hidden = out.hidden_states[-1]  # (B, T, H)
         t = torch.arange(attention_mask.shape[1], device=attention_mask.device)
         last = (attention_mask.long() * t).argmax(dim=1)  # index of the last 1 in each row

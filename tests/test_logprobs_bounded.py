@@ -151,6 +151,50 @@ def test_policy_gradients_on_the_sliced_path_equal_the_full_logits(make_policy, 
         torch.testing.assert_close(sliced[name], full[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("budget", [64, 2**30], ids=["sliced", "full"])
+def test_logprobs_from_a_start_column_equal_the_whole_pass_there_and_skip_the_head_before(
+        make_policy, monkeypatch, budget):
+    """`start=k`: columns ≥ k equal the whole pass's (values, entropies and, for a loss that reads
+    only them, gradients), columns < k are 0, and the LM head runs on T − k + 1 positions per row
+    instead of T (the reference pass too). `scores` and `values` run the head on one position."""
+    monkeypatch.setattr(policy_module, "LOGPROB_CHUNK_ELEMENTS", budget)
+    policy = make_policy(seed=3, scalar_head=True, reference="copy")
+    ids, attn = _batch(policy)
+    t, k = ids.shape[1], 6
+    rows: list[int] = []
+    for model in (policy.model, policy.reference):
+        model.lm_head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    whole, whole_ent = policy.logprobs(ids, attn, temperature=0.9, return_entropy=True)
+    ((whole[:, k:] - 0.3 * whole_ent[:, k:]) * attn[:, k:]).sum().backward()
+    want = {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+    whole_rows = sum(rows)
+    policy.model.zero_grad()
+    rows.clear()
+    logp, ent = policy.logprobs(ids, attn, temperature=0.9, return_entropy=True, start=k)
+    ((logp - 0.3 * ent) * attn).sum().backward()  # columns < k are 0 and add nothing
+    # k − 1 fewer positions per row (2 rows); the sliced path runs each slice again in backward.
+    runs = 2 if budget == 64 else 1
+    assert sum(rows) == whole_rows - 2 * (k - 1) * runs
+    assert whole_rows == (2 * 2 * (t - 1) + 4 if budget == 64 else 2 * t)
+    for got, full in ((logp, whole), (ent, whole_ent)):
+        assert (got[:, :k] == 0).all()
+        torch.testing.assert_close(got[:, k:], full[:, k:].detach(), atol=1e-6, rtol=0)
+    for name, grad in want.items():
+        torch.testing.assert_close(dict(policy.model.named_parameters())[name].grad, grad, atol=1e-6, rtol=1e-5,
+                                   msg=name)
+    rows.clear()
+    ref = policy.ref_logprobs(ids, attn, 0.9, start=k)
+    ref_rows = sum(rows)
+    torch.testing.assert_close(ref[:, k:], policy.ref_logprobs(ids, attn, 0.9)[:, k:], atol=1e-6, rtol=0)
+    assert ref_rows == sum(rows) - ref_rows - 2 * (k - 1)
+    rows.clear()
+    scores, values = policy.scores(ids, attn), policy.values(ids, attn)
+    assert rows == [2, 2]  # one position per row: the LM head's logits are not read
+    hidden = policy._forward(policy.model, ids, attn, hidden=True).hidden_states[-1]
+    torch.testing.assert_close(values[:, 1:], policy.scalar_head(hidden[:, :-1]).squeeze(-1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(scores, policy.scalar_head(hidden[:, -1]).squeeze(-1), atol=1e-6, rtol=0)
+
+
 def test_a_model_that_changes_its_logits_falls_back_to_them(make_policy, sliced):
     """A model that scales its head's output (as soft-capping or logit scaling would) is scored
     from the logits it returns, not from its head's."""

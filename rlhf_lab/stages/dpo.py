@@ -32,7 +32,7 @@ from rlhf_lab.data import (
 )
 from rlhf_lab.distributed import all_sum, collective_device, world_size
 from rlhf_lab.losses import DPO_LOSSES, kl_k1, kto_kl, kto_loss, preference_loss
-from rlhf_lab.policy import Policy
+from rlhf_lab.policy import Policy, first_scored_column
 from rlhf_lab.rewards.checks import check_scores
 from rlhf_lab.stages.common import (
     Budget,
@@ -125,7 +125,7 @@ def sequence_logprobs(policy: Policy, batch: dict, reference: bool = False) -> t
     mask = batch["loss_mask"].clone()
     mask[:, 0] = 0  # column 0 has no context
     fn = policy.ref_logprobs if reference else policy.logprobs
-    logprobs = fn(batch["input_ids"], batch["attention_mask"])
+    logprobs = fn(batch["input_ids"], batch["attention_mask"], start=first_scored_column(mask))
     return (logprobs * mask).sum(dim=1), mask.sum(dim=1).float()
 
 
@@ -427,7 +427,8 @@ class OnlineDPO(_PreferenceStep, StepBudget, ResumableStage, ShardableStage, L.L
         stats = {"reward": float(scores.mean()), "response_length": float(mask.sum(1).mean())}
         if policy.has_reference:
             # train/kl as for every algorithm: k1 on the sampled tokens, summed per sequence.
-            ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask, c.temperature)
+            ref = policy.ref_logprobs(rollout.input_ids, rollout.attention_mask, c.temperature,
+                                      start=first_scored_column(mask))
             stats["kl"] = float((kl_k1(rollout.logprobs, ref) * mask).sum(1).mean())
         if self.gold_fn is not None:
             gold = check_scores(self.gold_fn(rollout.prompts, rollout.completions), n, self.gold_fn,

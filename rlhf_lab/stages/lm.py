@@ -19,7 +19,7 @@ from rlhf_lab.checks import check_positive
 from rlhf_lab.data import PackedTextDataset, SFTDataset, pad_collate
 from rlhf_lab.losses import lm_loss
 from rlhf_lab.losses.masked import masked_sum
-from rlhf_lab.policy import Policy
+from rlhf_lab.policy import Policy, first_scored_column
 from rlhf_lab.stages.common import (
     Budget,
     ResumableStage,
@@ -87,10 +87,12 @@ class LanguageModeling(StepBudget, ResumableStage, ShardableStage, L.LightningMo
 
     def _targets(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """`(logprobs, mask)` of the target tokens, both (B, T)."""
-        logprobs = self.policy.logprobs(batch["input_ids"], batch["attention_mask"])  # (B, T)
         # loss_mask marks target tokens; column 0 has no context, so it never counts.
         mask = batch["loss_mask"].clone()
         mask[:, 0] = 0
+        # The LM head runs only from the first target column (an SFT batch's prompts cost none).
+        logprobs = self.policy.logprobs(batch["input_ids"], batch["attention_mask"],
+                                        start=first_scored_column(mask))  # (B, T)
         return logprobs, mask
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

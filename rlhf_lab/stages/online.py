@@ -60,7 +60,7 @@ from rlhf_lab.losses import (
     surrogate_loss,
 )
 from rlhf_lab.optim import trpo_step
-from rlhf_lab.policy import Policy
+from rlhf_lab.policy import Policy, first_scored_column
 from rlhf_lab.rewards.checks import check_scores
 from rlhf_lab.rollout import Rollout, RolloutBuffer
 from rlhf_lab.stages.common import Budget, ResumableStage, ShardableStage, global_means
@@ -449,12 +449,15 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         """
         c, policy = self.config, self.policy
         ids, attn = rollout.input_ids, rollout.attention_mask
+        start = first_scored_column(rollout.response_mask)  # the prompt's positions need no LM head
         if rollout.ref_logprobs is None:
-            rollout.ref_logprobs = self._in_chunks(lambda i, a: policy.ref_logprobs(i, a, c.temperature), ids, attn)
+            rollout.ref_logprobs = self._in_chunks(lambda i, a: policy.ref_logprobs(i, a, c.temperature, start=start),
+                                                   ids, attn)
         if c.baseline == "critic":
             rollout.values = self._in_chunks(policy.values, ids, attn) * rollout.response_mask.float()
         if c.rollout_correction is not None:
-            rollout.train_logprobs = self._in_chunks(lambda i, a: policy.logprobs(i, a, c.temperature), ids, attn)
+            rollout.train_logprobs = self._in_chunks(lambda i, a: policy.logprobs(i, a, c.temperature, start=start),
+                                                     ids, attn)
             rollout.is_weights, self._correction = rollout_correction_weights(
                 rollout.train_logprobs, rollout.logprobs, rollout.response_mask, mode=c.rollout_correction,
                 level=c.rollout_correction_level, cap=c.rollout_correction_cap)
@@ -567,11 +570,13 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         minibatch) its share of the minibatch's loss (see `ppo_policy_loss`)."""
         c = self.config
         tokens = None if counts is None else counts[0]
+        start = first_scored_column(mb.response_mask)
         if c.baseline == "critic":
-            logprobs, entropy, values = self.policy.logprobs_and_values(mb.input_ids, mb.attention_mask, c.temperature)
+            logprobs, entropy, values = self.policy.logprobs_and_values(mb.input_ids, mb.attention_mask, c.temperature,
+                                                                        start=start)
         else:
             logprobs, entropy = self.policy.logprobs(mb.input_ids, mb.attention_mask, c.temperature,
-                                                     return_entropy=True)
+                                                     return_entropy=True, start=start)
         # π_old: the trainer's own log-probs before the update when rollout_correction recorded
         # them, else the sampling log-probs.
         old = mb.logprobs if mb.train_logprobs is None else mb.train_logprobs
@@ -620,6 +625,7 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         """
         c = self.config
         ids, attn, mask = data.input_ids, data.attention_mask, data.response_mask
+        start = first_scored_column(mask)
         critic_ids = {id(p) for p in self.policy.critic_parameters()}
         actor = [p for p in self.policy.trainable_parameters() if id(p) not in critic_ids]
         if self.policy.scalar_head is not None:
@@ -627,7 +633,7 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
             actor = [p for p in actor if id(p) not in head]
 
         def loss_fn() -> torch.Tensor:
-            logprobs = self.policy.logprobs(ids, attn, c.temperature)
+            logprobs = self.policy.logprobs(ids, attn, c.temperature, start=start)
             policy_loss, _ = surrogate_loss(logprobs, data.logprobs, data.advantages, mask)
             if c.kl_in != "loss":
                 return online_objective(policy_loss)[0]
@@ -635,7 +641,7 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
             return online_objective(policy_loss, kl_term=kl_term, kl_coef=self.kl_ctl.value)[0]
 
         def kl_fn() -> torch.Tensor:
-            return mean_kl(self.policy.logprobs(ids, attn, c.temperature), data.logprobs, mask)
+            return mean_kl(self.policy.logprobs(ids, attn, c.temperature, start=start), data.logprobs, mask)
 
         with torch.no_grad():
             before = float(loss_fn())
@@ -643,7 +649,7 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
             stats = trpo_step(actor, loss_fn, kl_fn, max_kl=c.max_kl, cg_iters=c.cg_iters,
                               damping=c.cg_damping, max_backtracks=c.line_search_steps)
         with torch.no_grad():
-            _, entropy = self.policy.logprobs(ids, attn, c.temperature, return_entropy=True)
+            _, entropy = self.policy.logprobs(ids, attn, c.temperature, return_entropy=True, start=start)
         out = {"policy_loss": before, "loss": before, "approx_kl": stats["kl"], "clipfrac": 0.0,
                "entropy": float(masked_mean(entropy, mask)), "trpo_accepted": stats["accepted"],
                "trpo_step_fraction": stats["step_fraction"]}
