@@ -9,9 +9,12 @@ operations on the model's own weights:
 
 - the KV cache is allocated once per `generate` call, (B, heads, prompt + max_new_tokens, head
   dim) per layer; a step writes one column and attends over the filled columns (a view, no copy);
-- the attention mask is one preallocated boolean (B, capacity) row per sequence;
-- on CPU in fp32 the weights are prepacked once per call for oneDNN's matrix product
-  (`torch.ops.mkldnn._linear_pointwise`), about twice as fast as `addmm` on 16 rows here; elsewhere
+- the attention mask is one preallocated (B, capacity) row per sequence, and is passed to
+  attention only once a filled column is masked (a padded prompt): the sampling loop feeds a
+  finished row's padding unmasked, since it reaches only that row's own discarded steps;
+- on CPU in fp32 the weights are prepacked for oneDNN's matrix product
+  (`torch.ops.mkldnn._linear_pointwise`), about twice as fast as `addmm` on 16 rows here, and the
+  packed copies are kept between calls while their weights are unchanged (`_PACKED`); elsewhere
   `F.linear`;
 - the prompt pass (`prefill`) is the model's own forward, once per distinct prompt: the
   `samples_per_prompt` copies of a prompt share its KV cache, repeated after the pass;

@@ -13,13 +13,32 @@ from rlhf_lab.checks import check_positive
 from rlhf_lab.data.sampler import GlobalBatchSampler
 from rlhf_lab.distributed import all_max, all_sum, collective_device, world_size
 
-__all__ = ["Budget", "EpochMeans", "ResumableStage", "SavePolicy", "ShardableStage", "StepBudget", "adamw", "check_fits_positions",
-           "check_micro_batch_size", "global_mean", "global_means", "mean_of_parts", "micro_batches"]
+__all__ = ["Budget", "EpochMeans", "ResumableStage", "SavePolicy", "ShardableStage", "StepBudget", "adamw",
+           "adamw_optimizer", "check_fits_positions", "check_micro_batch_size", "global_mean", "global_means", "mean_of_parts", "micro_batches"]
+
+
+def adamw_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """torch's AdamW, its fused kernel where every parameter allows it (plain floating-point
+    tensors on CPU or CUDA), else the default implementation (sharded DTensors, other devices).
+
+    The same update rule either way. On CPU the default runs a loop of small ops per parameter:
+    18 ms a step for the benchmark's 3.7M parameters, against 6 ms fused."""
+    groups = list(params)
+    flat = [p for g in groups for p in (g["params"] if isinstance(g, dict) else [g])]
+    fusable = all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda")
+                  and p.is_floating_point() for p in flat)
+    if fusable:
+        try:
+            return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay, fused=True)
+        except (RuntimeError, ValueError):  # a torch without fused AdamW for this device
+            pass
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
 
 
 def adamw(params, lr: float, weight_decay: float, warmup_steps: int = 0):
-    """AdamW with an optional linear warm-up; returns Lightning's optimiser config dict."""
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    """AdamW (`adamw_optimizer`) with an optional linear warm-up; returns Lightning's optimiser
+    config dict."""
+    optimizer = adamw_optimizer(params, lr=lr, weight_decay=weight_decay)
     if warmup_steps <= 0:
         return optimizer
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup_steps))

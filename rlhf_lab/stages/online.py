@@ -63,7 +63,13 @@ from rlhf_lab.optim import trpo_step
 from rlhf_lab.policy import Policy, first_scored_column
 from rlhf_lab.rewards.checks import check_scores
 from rlhf_lab.rollout import Rollout, RolloutBuffer
-from rlhf_lab.stages.common import Budget, ResumableStage, ShardableStage, global_means
+from rlhf_lab.stages.common import (
+    Budget,
+    ResumableStage,
+    ShardableStage,
+    adamw_optimizer,
+    global_means,
+)
 
 RewardFn = Callable[[list[str], list[str]], torch.Tensor]
 
@@ -737,7 +743,7 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
             critic = {id(p) for p in policy.critic_parameters()}
             params = [{"params": [p for p in params if id(p) not in critic]},
                       {"params": [p for p in params if id(p) in critic], "lr": c.critic_lr or c.lr}]
-        return torch.optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+        return adamw_optimizer(params, lr=c.lr, weight_decay=c.weight_decay)
 
     def train_dataloader(self) -> DataLoader:
         c = self.config
