@@ -30,7 +30,7 @@ demo: $(STAMP)
 	$(BIN)/rlhf-lab demo $(ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check rlhf_lab tests experiments
+	$(BIN)/ruff check rlhf_lab tests experiments benchmarks
 
 test: lint
 	$(BIN)/python -m pytest -q --timeout=900 $(PYTEST_ARGS)

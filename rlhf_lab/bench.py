@@ -337,8 +337,12 @@ def bench_stage(workload: Workload, stage: str, steps: int = 10, warmup: int = 3
 
 def bench_sampling(workload: Workload, steps: int = 10, warmup: int = 3) -> dict:
     """The `sample` row: `Policy.generate` of 4 prompts × 4 samples × 32 tokens (temperature 1,
-    EOS suppressed) on successive prompts of prompts.jsonl, then Hugging Face `generate` (KV cache,
-    the same settings) on the same prompts; medians after the warm-up."""
+    EOS suppressed) on successive prompts of prompts.jsonl, and Hugging Face `generate` (KV cache,
+    the same settings) on the same prompts; medians after the warm-up.
+
+    The two calls alternate on each batch (ours, then Hugging Face's), so a drift of the machine's
+    speed over the minute the row takes reaches both medians alike; the peak memory is that of
+    the warm-up calls of ours, before any Hugging Face call."""
     import gc
 
     import torch
@@ -356,11 +360,25 @@ def bench_sampling(workload: Workload, steps: int = 10, warmup: int = 3) -> dict
         policy.generate(list(prompts), max_new_tokens=NEW_TOKENS, temperature=1.0, samples_per_prompt=SAMPLES,
                         suppress_eos=True, generator=generator)
 
+    def bare(prompts):
+        _sample(model, tokenizer, list(prompts), SAMPLES, 1.0, 1.0)
+
     gc.collect()
     reset_peak_rss()
-    step_s = _timed(ours, batches, warmup)
-    peak = peak_rss_mb()
-    bare_s = _timed(lambda prompts: _sample(model, tokenizer, list(prompts), SAMPLES, 1.0, 1.0), batches, warmup)
+    for prompts in batches[:warmup]:
+        ours(prompts)
+    peak = peak_rss_mb() if warmup else None
+    for prompts in batches[:warmup]:
+        bare(prompts)
+    times: dict = {ours: [], bare: []}
+    for prompts in batches[warmup:]:
+        for fn in (ours, bare):
+            start = time.perf_counter()
+            fn(prompts)
+            times[fn].append(time.perf_counter() - start)
+            if peak is None:  # no warm-up: the first call of ours, before any of Hugging Face's
+                peak = peak_rss_mb()
+    step_s, bare_s = statistics.median(times[ours]), statistics.median(times[bare])
     tokens = statistics.mean(_tokens(b, tokenizer, SAMPLES) for b in batches[warmup:])
     return {"stage": SAMPLE, "step_s": round(step_s, 4), "tokens_per_s": round(tokens / step_s, 1),
             "peak_rss_mb": round(peak, 1), "bare_step_s": round(bare_s, 4)}

@@ -97,3 +97,20 @@ def test_bad_model_json_names_the_file(workload, tmp_path, capsys):
     assert main(["bench", "--workload", str(folder), "--stage", "sft"]) == 2
     err = capsys.readouterr().err.strip()
     assert "model.json: unknown GPT2Config field(s) n_layers" in err
+
+
+def test_the_trl_side_by_side_script_states_its_stages_and_refuses_ppo():
+    """benchmarks/trl_side_by_side.py needs TRL, which this project does not install; without it,
+    its arguments still parse: --help lists the stages it runs, and ppo (TRL 1.16 has no PPO
+    trainer) or a zero step count is one usage line and exit code 2, before TRL is imported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "trl_side_by_side.py")
+    shown = subprocess.run([sys.executable, script, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "{sft,reward,dpo,grpo,rloo,ppo,all}" in shown.stdout
+    for args, message in ((["--stage", "ppo"], "TRL 1.16.0 has no PPO trainer"),
+                          (["--steps", "0"], "need --steps >= 1")):
+        refused = subprocess.run([sys.executable, script, *args], capture_output=True, text=True, timeout=60)
+        assert refused.returncode == 2 and message in refused.stderr.strip().splitlines()[-1], refused.stderr
