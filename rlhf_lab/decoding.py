@@ -117,9 +117,8 @@ class _Linear:
 
     __slots__ = ("bias", "packed", "weight")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, batch: int, packed: torch.Tensor | None = None):
-        self.weight, self.bias = weight.detach(), None if bias is None else bias.detach()
-        self.packed = packed if packed is not None else _pack(self.weight, batch)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None):
+        self.weight, self.bias, self.packed = weight.detach(), None if bias is None else bias.detach(), packed
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -169,15 +168,14 @@ def _linear(module: nn.Module, batch: int, transposed: bool = False) -> _Linear:
     weight = (module.weight.t() if transposed else module.weight).detach()
     bias = getattr(module, "bias", None)
     if not _mkldnn_ok(weight):
-        return _Linear(weight, bias, batch)
+        return _Linear(weight, bias, None)
     key = _fingerprint(module.weight, batch, transposed)
     kept = _PACKED.get(module)
-    if kept is not None and _same(kept[0], key):
-        return _Linear(weight, bias, batch, packed=kept[1])
-    linear = _Linear(weight, bias, batch)
-    if linear.packed is not None:
-        _PACKED[module] = (key, linear.packed)
-    return linear
+    if kept is None or not _same(kept[0], key):
+        kept = (key, _pack(weight, batch))
+        if kept[1] is not None:
+            _PACKED[module] = kept
+    return _Linear(weight, bias, kept[1])
 
 
 # --------------------------------------------------------------------------- the decoder

@@ -145,7 +145,7 @@ def test_stop_checks_every_k_tokens_give_the_every_token_result(tokenizer, monke
 def test_mkldnn_packed_products_equal_linear_in_any_batch():
     torch.manual_seed(6)
     weight, bias = torch.randn(48, 32), torch.randn(48)
-    linear = decoding._Linear(weight, bias, batch=8)
+    linear = decoding._Linear(weight, bias, decoding._pack(weight, batch=8))
     for rows in (8, 3, 1):
         x = torch.randn(rows, 32)
         torch.testing.assert_close(linear(x), torch.nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
