@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import os
 
 import torch
@@ -66,8 +67,9 @@ from rlhf_lab.models.tokenizer import load_tokenizer
 from rlhf_lab.rollout import Rollout
 from rlhf_lab.sampling import position_ids_from_mask
 
-__all__ = ["LOGPROB_CHUNK_ELEMENTS", "Policy", "check_checkpoint_kind", "checkpoint_stage", "first_nonfinite",
-           "first_scored_column", "head_logprobs", "position_ids_from_mask", "token_logprobs"]
+__all__ = ["LOGPROB_CHUNK_ELEMENTS", "PREFIX_SHARING_MIN_SAVED", "Policy", "check_checkpoint_kind",
+           "checkpoint_stage", "first_nonfinite", "first_scored_column", "head_logprobs",
+           "position_ids_from_mask", "token_logprobs"]
 
 REFERENCE_ADAPTER = "reference"  # a frozen copy of a non-zero initial policy adapter
 
@@ -150,6 +152,9 @@ def first_nonfinite(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | 
 # LOGPROB_CHUNK_ELEMENTS, is made besides the logits themselves, and for a large vocabulary
 # (`Policy._logprobs_of`) not even the logits: the LM head runs one slice at a time too.
 LOGPROB_CHUNK_ELEMENTS = 2 ** 22  # 16 MB of fp32 per slice temporary
+# A log-prob pass runs rows' shared prefix once (`Policy._shared_prefix`) when that skips at least
+# this fraction of the B × T positions; below it, a second model call costs more than it saves.
+PREFIX_SHARING_MIN_SAVED = 0.1
 
 
 def _slice_positions(batch: int, vocab: int, chunk_size: int | None) -> int:
@@ -299,6 +304,16 @@ def first_scored_column(mask: torch.Tensor) -> int:
 
 def _takes_logits_to_keep(model: nn.Module) -> bool:
     return bool(sampling._last_logits_only(model))
+
+
+def _takes_cache(model: nn.Module) -> bool:
+    """Whether `model` takes a KV cache (a keyword of its forward) and may return one: not while
+    gradient checkpointing is on, which turns the cache off."""
+    base = sampling._unwrapped(model)
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers 5.x; the old name warns
+    if checkpointing if checkpointing is not None else getattr(base, "is_gradient_checkpointing", False):
+        return False
+    return sampling._cache_keyword(model) in inspect.signature(base.forward).parameters
 
 
 @contextlib.contextmanager
@@ -671,20 +686,60 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 hidden: bool = False, logits_to_keep: int | None = None):
+                 hidden: bool = False, logits_to_keep: int | None = None, cache=None):
         """One forward of `model`; with `logits_to_keep` = k, its LM head runs on the last k
-        positions only (where the model takes that argument; else all of them, the same values)."""
+        positions only (where the model takes that argument; else all of them, the same values).
+        With `cache` (a shared prefix's, `_shared_prefix`), `input_ids` are the columns after the
+        prefix and `attention_mask` the whole rows'."""
         kwargs = {}
         if logits_to_keep is not None and _takes_logits_to_keep(model):
             kwargs["logits_to_keep"] = logits_to_keep
+        positions = position_ids_from_mask(attention_mask)
+        if cache is not None:
+            kwargs[sampling._cache_keyword(model)] = cache
+            positions = positions[:, -input_ids.shape[1]:]
         return model(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
+            position_ids=positions,
             output_hidden_states=hidden,
-            use_cache=False,
+            use_cache=cache is not None,
             **kwargs,
         )
+
+    def _shared_prefix(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       cut: int, hidden: bool):
+        """`(cache, last hidden states or None)` of one forward over the distinct prefixes
+        `input_ids[:, :cut]` (with their mask), the cache's rows then repeated so that row i holds
+        row i's prefix; or None where sharing does not pay or the model cannot take it.
+
+        The rows of a group-sampled rollout (GRPO's k samples of a prompt) and the two sides of a
+        preference pair share their prompt, yet a whole-sequence pass runs the model on every
+        copy. Here each distinct prefix runs once and the rest of each row attends to its keys and
+        values: the same attention, so the same log-probs (to rounding), and the gradient reaches
+        the shared prefix through the repeated cache. The benchmark's GRPO runs 4 prompts of 16
+        prefix columns instead of 16. It is used when it saves at least PREFIX_SHARING_MIN_SAVED of
+        the positions, on a model that takes and returns a cache (`reorder_cache` repeats its
+        rows), unsharded (FSDP runs each module once per step) and not under gradient
+        checkpointing (which turns the cache off).
+        """
+        b, t = input_ids.shape
+        if cut < 1 or b < 2 or self.is_sharded or not _takes_cache(model):
+            return None
+        key = torch.cat([input_ids[:, :cut], attention_mask[:, :cut].to(input_ids.dtype)], dim=1)
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        distinct = int(inverse.max()) + 1
+        if (b - distinct) * cut < PREFIX_SHARING_MIN_SAVED * b * t:
+            return None
+        rows = torch.arange(b, device=inverse.device)
+        first = torch.full((distinct,), b, device=inverse.device).scatter_reduce(0, inverse, rows, "amin")
+        mask = attention_mask[first, :cut]
+        kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
+        out = model(input_ids=input_ids[first, :cut], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                    output_hidden_states=hidden, use_cache=True, **kwargs)
+        cache = sampling._returned_cache(out, model)
+        cache.reorder_cache(inverse)
+        return cache, (out.hidden_states[-1][inverse] if hidden else None)
 
     @staticmethod
     def _token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
@@ -711,13 +766,14 @@ class Policy(nn.Module):
 
     def _logprobs_of(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      temperature: float, with_entropy: bool, hidden: bool = False, start: int = 1):
-        """`(logprobs, entropy or None, output)` of one forward of `model` (output: its hidden
-        states with `hidden`; its logits are not the whole sequence's on the sliced path).
+        """`(logprobs, entropy or None, last hidden states (B, T, H) with `hidden`, else None)` of
+        `model` on the rows.
 
         Only columns `start`..T-1 are scored; the ones before are 0. The LM head then runs on the
         T − start + 1 positions that predict them (`logits_to_keep`), not on the prompt: for the
         benchmark's GRPO that is 33 of 49 positions, in the forward, the backward and the
-        reference pass.
+        reference pass. Where rows share the columns before `start` − 1 (a prompt's samples, a
+        pair's two sides), those run once per distinct prefix (`_shared_prefix`).
 
         When `_sliced_head` gives the LM head, the forward hands the head only the last position
         (`_head_inputs`) and the head then runs slice by slice on the states it was given
@@ -728,30 +784,43 @@ class Policy(nn.Module):
         t = input_ids.shape[1]
         start = min(max(1, int(start)), max(1, t - 1))
         keep = t - start + 1  # the positions whose logits predict columns start..T-1
+        shared = self._shared_prefix(model, input_ids, attention_mask, start - 1, hidden) if start > 1 else None
+        cache, prefix_hidden = shared if shared is not None else (None, None)
+        cut = 0 if shared is None else start - 1  # the pass below runs on columns cut..T-1
+        ids = input_ids[:, cut:]
 
         def widen(logp: torch.Tensor | None) -> torch.Tensor | None:
             # (B, keep) scored from column start - 1 → (B, T): columns before start are 0
             return logp if logp is None or start == 1 else nn.functional.pad(logp[:, 1:], (start, 0))
 
+        def last_hidden(out) -> torch.Tensor | None:
+            if not hidden:
+                return None
+            states = out.hidden_states[-1]
+            return states if prefix_hidden is None else torch.cat([prefix_hidden, states], dim=1)
+
         head = self._sliced_head(model, input_ids)
         if head is not None:
             with _head_inputs(head) as captured:
-                out = self._forward(model, input_ids, attention_mask, hidden)
+                out = self._forward(model, ids, attention_mask, hidden, cache=cache)
             states = captured.get("states")
-            if states is not None and states.shape[:2] == input_ids.shape:
+            if states is not None and states.shape[:2] == ids.shape:
                 with torch.no_grad():
                     own = head(states[:, -1:])
                 if own.shape == out.logits.shape and torch.allclose(own.float(), out.logits.float(),
                                                                     rtol=1e-5, atol=1e-6):
                     chunk = _slice_positions(input_ids.shape[0], out.logits.shape[-1], None)
-                    logp, entropy = head_logprobs(head, states[:, start - 1:], input_ids[:, start - 1:], temperature,
-                                                  with_entropy, chunk)
-                    return widen(logp), widen(entropy), out
+                    logp, entropy = head_logprobs(head, states[:, start - 1 - cut:], input_ids[:, start - 1:],
+                                                  temperature, with_entropy, chunk)
+                    return widen(logp), widen(entropy), last_hidden(out)
             self._unsliced_heads.add(id(model))
-        out = self._forward(model, input_ids, attention_mask, hidden, logits_to_keep=keep if start > 1 else None)
+            if cache is not None:  # the forward above extended it: start again from the prefix
+                cache, prefix_hidden = self._shared_prefix(model, input_ids, attention_mask, cut, hidden)
+        out = self._forward(model, ids, attention_mask, hidden, logits_to_keep=keep if start > 1 else None,
+                            cache=cache)
         logits = out.logits[:, -keep:] if start > 1 else out.logits
         logp, entropy = self._token_logprobs(logits, input_ids[:, start - 1:], temperature, with_entropy)
-        return widen(logp), widen(entropy), out
+        return widen(logp), widen(entropy), last_hidden(out)
 
     def logprobs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                  temperature: float = 1.0, return_entropy: bool = False, start: int = 1):
@@ -776,9 +845,9 @@ class Policy(nn.Module):
             logp, entropy = self.logprobs(input_ids, attention_mask, temperature, return_entropy=True, start=start)
             return logp, entropy, self.values(input_ids, attention_mask)
         self._require_head("logprobs_and_values")
-        logp, entropy, out = self._logprobs_of(self.model, input_ids, attention_mask, temperature, True, hidden=True,
-                                               start=start)
-        return logp, entropy, self._values_from_hidden(out.hidden_states[-1], self.scalar_head)
+        logp, entropy, hidden = self._logprobs_of(self.model, input_ids, attention_mask, temperature, True,
+                                                  hidden=True, start=start)
+        return logp, entropy, self._values_from_hidden(hidden, self.scalar_head)
 
     @property
     def has_reference(self) -> bool:
