@@ -306,6 +306,11 @@ def _takes_logits_to_keep(model: nn.Module) -> bool:
     return bool(sampling._last_logits_only(model))
 
 
+def _start_column(start: int, t: int) -> int:
+    """`start` of a (B, t) pass, within 1..t − 1 (column 0 has no context)."""
+    return min(max(1, int(start)), max(1, t - 1))
+
+
 def _takes_cache(model: nn.Module) -> bool:
     """Whether `model` takes a KV cache (a keyword of its forward) and may return one: not while
     gradient checkpointing is on, which turns the cache off."""
@@ -708,10 +713,10 @@ class Policy(nn.Module):
         )
 
     def _shared_prefix(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                       cut: int, hidden: bool):
-        """`(cache, last hidden states or None)` of one forward over the distinct prefixes
-        `input_ids[:, :cut]` (with their mask), the cache's rows then repeated so that row i holds
-        row i's prefix; or None where sharing does not pay or the model cannot take it.
+                       cut: int):
+        """The KV cache of one forward over the distinct prefixes `input_ids[:, :cut]` (with their
+        mask), its rows then repeated so that row i holds row i's prefix; or None where sharing
+        does not pay or the model cannot take it.
 
         The rows of a group-sampled rollout (GRPO's k samples of a prompt) and the two sides of a
         preference pair share their prompt, yet a whole-sequence pass runs the model on every
@@ -736,10 +741,21 @@ class Policy(nn.Module):
         mask = attention_mask[first, :cut]
         kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
         out = model(input_ids=input_ids[first, :cut], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    output_hidden_states=hidden, use_cache=True, **kwargs)
+                    use_cache=True, **kwargs)
         cache = sampling._returned_cache(out, model)
         cache.reorder_cache(inverse)
-        return cache, (out.hidden_states[-1][inverse] if hidden else None)
+        return cache
+
+    def _states(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                start: int = 1) -> torch.Tensor:
+        """`model`'s last hidden states (B, T − start + 1, H) at columns start − 1..T − 1, the
+        positions whose outputs are the values of columns start.. (the LM head runs on one
+        position; a shared prefix runs once, `_shared_prefix`)."""
+        start = _start_column(start, input_ids.shape[1])
+        cache = self._shared_prefix(model, input_ids, attention_mask, start - 1) if start > 1 else None
+        cut = 0 if cache is None else start - 1
+        out = self._forward(model, input_ids[:, cut:], attention_mask, hidden=True, logits_to_keep=1, cache=cache)
+        return out.hidden_states[-1][:, start - 1 - cut:]
 
     @staticmethod
     def _token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float,
@@ -766,8 +782,8 @@ class Policy(nn.Module):
 
     def _logprobs_of(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                      temperature: float, with_entropy: bool, hidden: bool = False, start: int = 1):
-        """`(logprobs, entropy or None, last hidden states (B, T, H) with `hidden`, else None)` of
-        `model` on the rows.
+        """`(logprobs, entropy or None, states)` of `model` on the rows; with `hidden`, states are
+        the last hidden states at columns start − 1..T − 1 (as `_states` gives them), else None.
 
         Only columns `start`..T-1 are scored; the ones before are 0. The LM head then runs on the
         T − start + 1 positions that predict them (`logits_to_keep`), not on the prompt: for the
@@ -782,11 +798,10 @@ class Policy(nn.Module):
         scaling) is remembered and, from this call on, scored from its full logits.
         """
         t = input_ids.shape[1]
-        start = min(max(1, int(start)), max(1, t - 1))
+        start = _start_column(start, t)
         keep = t - start + 1  # the positions whose logits predict columns start..T-1
-        shared = self._shared_prefix(model, input_ids, attention_mask, start - 1, hidden) if start > 1 else None
-        cache, prefix_hidden = shared if shared is not None else (None, None)
-        cut = 0 if shared is None else start - 1  # the pass below runs on columns cut..T-1
+        cache = self._shared_prefix(model, input_ids, attention_mask, start - 1) if start > 1 else None
+        cut = 0 if cache is None else start - 1  # the pass below runs on columns cut..T-1
         ids = input_ids[:, cut:]
 
         def widen(logp: torch.Tensor | None) -> torch.Tensor | None:
@@ -794,10 +809,7 @@ class Policy(nn.Module):
             return logp if logp is None or start == 1 else nn.functional.pad(logp[:, 1:], (start, 0))
 
         def last_hidden(out) -> torch.Tensor | None:
-            if not hidden:
-                return None
-            states = out.hidden_states[-1]
-            return states if prefix_hidden is None else torch.cat([prefix_hidden, states], dim=1)
+            return out.hidden_states[-1][:, start - 1 - cut:] if hidden else None
 
         head = self._sliced_head(model, input_ids)
         if head is not None:
@@ -815,7 +827,7 @@ class Policy(nn.Module):
                     return widen(logp), widen(entropy), last_hidden(out)
             self._unsliced_heads.add(id(model))
             if cache is not None:  # the forward above extended it: start again from the prefix
-                cache, prefix_hidden = self._shared_prefix(model, input_ids, attention_mask, cut, hidden)
+                cache = self._shared_prefix(model, input_ids, attention_mask, cut)
         out = self._forward(model, ids, attention_mask, hidden, logits_to_keep=keep if start > 1 else None,
                             cache=cache)
         logits = out.logits[:, -keep:] if start > 1 else out.logits
@@ -840,14 +852,14 @@ class Policy(nn.Module):
     def logprobs_and_values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                             temperature: float = 1.0, start: int = 1):
         """`(logprobs, entropy, values)`: what a PPO update needs (one pass without a separate
-        critic). `start` as in `logprobs` (the values are every column's)."""
+        critic). `start` as in `logprobs` and `values`: the columns before it are 0."""
         if self.has_separate_critic:
             logp, entropy = self.logprobs(input_ids, attention_mask, temperature, return_entropy=True, start=start)
-            return logp, entropy, self.values(input_ids, attention_mask)
+            return logp, entropy, self.values(input_ids, attention_mask, start=start)
         self._require_head("logprobs_and_values")
-        logp, entropy, hidden = self._logprobs_of(self.model, input_ids, attention_mask, temperature, True,
+        logp, entropy, states = self._logprobs_of(self.model, input_ids, attention_mask, temperature, True,
                                                   hidden=True, start=start)
-        return logp, entropy, self._values_from_hidden(hidden, self.scalar_head)
+        return logp, entropy, self._values_from_states(states, self.scalar_head, input_ids.shape[1])
 
     @property
     def has_reference(self) -> bool:
@@ -919,22 +931,27 @@ class Policy(nn.Module):
         if self.scalar_head is None:
             raise ValueError(f"Policy.{what} needs a scalar head (construct with scalar_head=True)")
 
-    @classmethod
-    def _values_from_hidden(cls, hidden: torch.Tensor, head: nn.Linear) -> torch.Tensor:
-        v = head(hidden[:, :-1]).squeeze(-1)
-        return nn.functional.pad(v, (1, 0))
+    @staticmethod
+    def _values_from_states(states: torch.Tensor, head: nn.Linear, t: int) -> torch.Tensor:
+        """(B, T) values from the last hidden states at columns T − n..T − 1 (n = states' length):
+        `values[:, c] = head(hidden[:, c − 1])`, 0 before column T − n + 1."""
+        v = head(states[:, :-1]).squeeze(-1)
+        return nn.functional.pad(v, (t - v.shape[1], 0))
 
-    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Per-token values `values[:, t] = V(x_<t)`, from the critic or the head. Shape: (B, T)."""
+    def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, start: int = 1) -> torch.Tensor:
+        """Per-token values `values[:, t] = V(x_<t)`, from the critic or the head. Shape: (B, T).
+
+        `start`: the first column valued; the columns before it are 0 (pass the first column of the
+        response mask). Rows sharing the columns before `start` − 1 run them once (`_states`)."""
         if self.critic is not None:
-            return self.critic.values(input_ids, attention_mask)
+            return self.critic.values(input_ids, attention_mask, start=start)
+        t = input_ids.shape[1]
         if self.critic_adapter is not None:
             with self._adapter(self.critic_adapter):
-                out = self._forward(self.model, input_ids, attention_mask, hidden=True, logits_to_keep=1)
-            return self._values_from_hidden(out.hidden_states[-1], self.critic_head)
+                states = self._states(self.model, input_ids, attention_mask, start)
+            return self._values_from_states(states, self.critic_head, t)
         self._require_head("values")
-        out = self._forward(self.model, input_ids, attention_mask, hidden=True, logits_to_keep=1)
-        return self._values_from_hidden(out.hidden_states[-1], self.scalar_head)
+        return self._values_from_states(self._states(self.model, input_ids, attention_mask, start), self.scalar_head, t)
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per sequence: the head read at the last real (non-pad) token. Shape: (B,)."""

@@ -168,3 +168,28 @@ def test_sharing_is_skipped_where_it_saves_too_little_or_the_model_cannot_cache(
     positions.clear()
     policy.logprobs(ids, mask, start=start)
     assert len(positions) == 2 and sum(positions) < ids.numel()
+
+
+def test_values_from_a_start_column_share_prefixes_for_every_kind_of_critic(make_policy, tokenizer, monkeypatch):
+    """`values(start=k)`: columns ≥ k equal the whole pass's values, the ones before are 0, and the
+    head, a critic adapter and a separate critic all run a shared prefix once."""
+    ids, mask, scored = _group_rollout(tokenizer, seed=3)
+    start = first_scored_column(scored)
+    b, t = ids.shape
+    head = make_policy(seed=8, scalar_head=True)
+    adapter = make_policy(seed=9, lora=LoraSettings(r=2, alpha=4.0), critic="adapter")
+    separate = make_policy(seed=10, critic=make_policy(seed=11, scalar_head=True))
+    for policy, body in ((head, head.model), (adapter, adapter.model), (separate, separate.critic.model)):
+        positions = _body_positions(body)
+        whole = policy.values(ids, mask)
+        assert positions == [b * t]
+        positions.clear()
+        shared = policy.values(ids, mask, start=start)
+        assert sum(positions) == b * t - 6 * (start - 1)  # 3 distinct prefixes of 9 rows
+        assert (shared[:, :start] == 0).all()
+        torch.testing.assert_close(shared[:, start:], whole[:, start:], atol=1e-5, rtol=0)
+        monkeypatch.setattr(policy_module, "PREFIX_SHARING_MIN_SAVED", OFF)
+        positions.clear()
+        torch.testing.assert_close(policy.values(ids, mask, start=start), shared, atol=1e-5, rtol=0)
+        assert positions == [b * t]
+        monkeypatch.setattr(policy_module, "PREFIX_SHARING_MIN_SAVED", 0.1)

@@ -460,7 +460,8 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
             rollout.ref_logprobs = self._in_chunks(lambda i, a: policy.ref_logprobs(i, a, c.temperature, start=start),
                                                    ids, attn)
         if c.baseline == "critic":
-            rollout.values = self._in_chunks(policy.values, ids, attn) * rollout.response_mask.float()
+            rollout.values = self._in_chunks(lambda i, a: policy.values(i, a, start=start), ids,
+                                             attn) * rollout.response_mask.float()
         if c.rollout_correction is not None:
             rollout.train_logprobs = self._in_chunks(lambda i, a: policy.logprobs(i, a, c.temperature, start=start),
                                                      ids, attn)
@@ -662,7 +663,8 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         if c.baseline == "critic":
             values_loss = 0.0
             for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs):
-                value_loss, _ = ppo_value_loss(self.policy.values(mb.input_ids, mb.attention_mask), mb.values,
+                values = self.policy.values(mb.input_ids, mb.attention_mask, start=first_scored_column(mb.response_mask))
+                value_loss, _ = ppo_value_loss(values, mb.values,
                                                mb.returns, mb.response_mask, clip_value=c.value_clip)
                 optimizer.zero_grad()
                 self.manual_backward(value_loss)
