@@ -127,9 +127,8 @@ class _Linear:
 
 
 def _pack(weight: torch.Tensor, batch: int) -> torch.Tensor | None:
-    """`weight` reordered for oneDNN's product on `batch` rows, or None where that path is off."""
-    if not _mkldnn_ok(weight):
-        return None
+    """`weight` (one `_mkldnn_ok` accepts) reordered for oneDNN's product on `batch` rows, or None
+    where this build cannot pack it."""
     try:
         return torch.ops.mkldnn._reorder_linear_weight(weight, batch)
     except RuntimeError:  # a build whose oneDNN cannot pack this shape

@@ -691,11 +691,11 @@ class Policy(nn.Module):
 
     # ------------------------------------------------------------------ forward passes
     def _forward(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 hidden: bool = False, logits_to_keep: int | None = None, cache=None):
+                 hidden: bool = False, logits_to_keep: int | None = None, cache=None, use_cache: bool = False):
         """One forward of `model`; with `logits_to_keep` = k, its LM head runs on the last k
         positions only (where the model takes that argument; else all of them, the same values).
         With `cache` (a shared prefix's, `_shared_prefix`), `input_ids` are the columns after the
-        prefix and `attention_mask` the whole rows'."""
+        prefix and `attention_mask` the whole rows'. `use_cache`: return the model's KV cache."""
         kwargs = {}
         if logits_to_keep is not None and _takes_logits_to_keep(model):
             kwargs["logits_to_keep"] = logits_to_keep
@@ -708,7 +708,7 @@ class Policy(nn.Module):
             attention_mask=attention_mask,
             position_ids=positions,
             output_hidden_states=hidden,
-            use_cache=cache is not None,
+            use_cache=use_cache or cache is not None,
             **kwargs,
         )
 
@@ -738,10 +738,8 @@ class Policy(nn.Module):
             return None
         rows = torch.arange(b, device=inverse.device)
         first = torch.full((distinct,), b, device=inverse.device).scatter_reduce(0, inverse, rows, "amin")
-        mask = attention_mask[first, :cut]
-        kwargs = {"logits_to_keep": 1} if _takes_logits_to_keep(model) else {}
-        out = model(input_ids=input_ids[first, :cut], attention_mask=mask, position_ids=position_ids_from_mask(mask),
-                    use_cache=True, **kwargs)
+        out = self._forward(model, input_ids[first, :cut], attention_mask[first, :cut], logits_to_keep=1,
+                            use_cache=True)
         cache = sampling._returned_cache(out, model)
         cache.reorder_cache(inverse)
         return cache
@@ -773,7 +771,7 @@ class Policy(nn.Module):
             return None
         try:
             head = model.get_output_embeddings()
-        except (AttributeError, NotImplementedError):
+        except (AttributeError, NotImplementedError):  # a model with no LM head to reach: its full logits
             return None
         weight = getattr(head, "weight", None)
         if not isinstance(head, nn.Module) or not torch.is_tensor(weight) or weight.dim() != 2:
@@ -951,7 +949,8 @@ class Policy(nn.Module):
                 states = self._states(self.model, input_ids, attention_mask, start)
             return self._values_from_states(states, self.critic_head, t)
         self._require_head("values")
-        return self._values_from_states(self._states(self.model, input_ids, attention_mask, start), self.scalar_head, t)
+        states = self._states(self.model, input_ids, attention_mask, start)
+        return self._values_from_states(states, self.scalar_head, t)
 
     def scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """One scalar per sequence: the head read at the last real (non-pad) token. Shape: (B,)."""

@@ -14,7 +14,8 @@ from rlhf_lab.data.sampler import GlobalBatchSampler
 from rlhf_lab.distributed import all_max, all_sum, collective_device, world_size
 
 __all__ = ["Budget", "EpochMeans", "ResumableStage", "SavePolicy", "ShardableStage", "StepBudget", "adamw",
-           "adamw_optimizer", "check_fits_positions", "check_micro_batch_size", "global_mean", "global_means", "mean_of_parts", "micro_batches"]
+           "adamw_optimizer", "check_fits_positions", "check_micro_batch_size", "global_mean", "global_means",
+           "mean_of_parts", "micro_batches"]
 
 
 def adamw_optimizer(params, lr: float, weight_decay: float) -> torch.optim.AdamW:

@@ -663,9 +663,9 @@ class OnlineRL(ResumableStage, ShardableStage, L.LightningModule):
         if c.baseline == "critic":
             values_loss = 0.0
             for mb in self.buffer.minibatches(c.minibatches, c.ppo_epochs):
-                values = self.policy.values(mb.input_ids, mb.attention_mask, start=first_scored_column(mb.response_mask))
-                value_loss, _ = ppo_value_loss(values, mb.values,
-                                               mb.returns, mb.response_mask, clip_value=c.value_clip)
+                scored = first_scored_column(mb.response_mask)  # not `start`: loss_fn and kl_fn read that
+                values = self.policy.values(mb.input_ids, mb.attention_mask, start=scored)
+                value_loss, _ = ppo_value_loss(values, mb.values, mb.returns, mb.response_mask, clip_value=c.value_clip)
                 optimizer.zero_grad()
                 self.manual_backward(value_loss)
                 optimizer.step()
