@@ -290,3 +290,21 @@ def test_lora_policy_and_its_reference_on_the_sliced_path(make_policy, monkeypat
     torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=0)
     torch.testing.assert_close(ref, want_ref, atol=1e-5, rtol=0)
     assert not torch.allclose(logp, ref)
+
+
+def test_a_model_without_a_reachable_lm_head_is_scored_from_its_full_logits(make_policy, sliced, monkeypatch):
+    """`get_output_embeddings` unimplemented (a custom model): no sliced head, and the log-probs
+    are those of the logits the model returns."""
+    policy = make_policy(seed=6)
+    ids, attn = _batch(policy)
+
+    def no_head():
+        raise NotImplementedError
+
+    monkeypatch.setattr(policy.model, "get_output_embeddings", no_head)
+    assert policy._sliced_head(policy.model, ids) is None
+    logits = policy._forward(policy.model, ids, attn).logits
+    logp, entropy = policy.logprobs(ids, attn, temperature=0.8, return_entropy=True)
+    want_logp, want_entropy = plain(logits, ids, 0.8)
+    torch.testing.assert_close(logp, want_logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(entropy, want_entropy, atol=1e-5, rtol=0)
